@@ -1,0 +1,30 @@
+"""retina_focal: RetinaNet and the focal loss (Lin et al., ICCV 2017) for detectron2.
+
+``import retina_focal`` registers, in detectron2's registries, the meta-architecture
+``RetinaFocal``, the backbone builder ``build_retina_focal_resnet_fpn_backbone`` and the
+anchor generator ``RetinaFocalAnchorGenerator``; and, in the plugin's own registries, the
+head ``RetinaFocalHead`` and the loss ``FocalLoss``.
+"""
+__version__ = "0.1.0"
+
+from .config import add_retina_focal_config
+from .anchors import RetinaFocalAnchorGenerator
+from .backbone import build_retina_focal_resnet_fpn_backbone
+from .head import RETINA_FOCAL_HEAD_REGISTRY, RetinaFocalHead, build_retina_focal_head
+from .losses import RETINA_FOCAL_LOSS_REGISTRY, FocalLoss, build_retina_focal_loss, sigmoid_focal_loss
+from .meta_arch import RetinaFocal
+from . import data  # noqa: F401  (registers the built-in datasets' loaders)
+
+__all__ = [
+    "add_retina_focal_config",
+    "RetinaFocalAnchorGenerator",
+    "build_retina_focal_resnet_fpn_backbone",
+    "RETINA_FOCAL_HEAD_REGISTRY",
+    "RetinaFocalHead",
+    "build_retina_focal_head",
+    "RETINA_FOCAL_LOSS_REGISTRY",
+    "FocalLoss",
+    "build_retina_focal_loss",
+    "sigmoid_focal_loss",
+    "RetinaFocal",
+]

@@ -1,0 +1,307 @@
+"""RetinaFocal: the one-stage detector of §4 (Figure 3).
+
+preprocess → backbone (ResNet-FPN, P3–P7) → anchors → head (class + box subnets) and then
+
+* training: label anchors with the §4 IoU rule, classification loss from the registry
+  (the focal loss by default) + box regression loss, both normalized by the number of
+  foreground anchors (§4.1);
+* inference (§4 "Inference"): per level, scores thresholded at 0.05 and at most 1000
+  top-scoring candidates decoded; levels merged; class-wise NMS at 0.5; top 100 kept.
+"""
+import logging
+from typing import Dict, List, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec, batched_nms, cat, move_device_like
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
+from detectron2.modeling.anchor_generator import build_anchor_generator
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
+from detectron2.utils.events import get_event_storage
+from torch import Tensor, nn
+
+from .head import build_retina_focal_head
+from .losses import box_regression_loss, build_retina_focal_loss
+
+__all__ = ["RetinaFocal"]
+
+logger = logging.getLogger(__name__)
+
+
+@META_ARCH_REGISTRY.register()
+class RetinaFocal(nn.Module):
+    """RetinaNet with a swappable head and classification loss.
+
+    Inputs and outputs follow detectron2's model format: ``forward`` takes the list of
+    dicts produced by ``DatasetMapper`` and returns a loss dict in training, and
+    ``[{"instances": Instances}]`` with ``pred_boxes``, ``scores``, ``pred_classes`` at test
+    time. Module names (``backbone``, ``head``) equal detectron2's ``RetinaNet``, so its
+    checkpoints load with no missing or unexpected keys.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        head: nn.Module,
+        head_in_features: List[str],
+        anchor_generator: nn.Module,
+        box2box_transform: Box2BoxTransform,
+        anchor_matcher: Matcher,
+        num_classes: int,
+        cls_loss: nn.Module,
+        box_reg_loss_type: str = "smooth_l1",
+        smooth_l1_beta: float = 0.1,
+        loss_normalizer_momentum: float = 0.9,
+        test_score_thresh: float = 0.05,
+        test_topk_candidates: int = 1000,
+        test_nms_thresh: float = 0.5,
+        max_detections_per_image: int = 100,
+        pixel_mean: Tuple[float, ...],
+        pixel_std: Tuple[float, ...],
+    ):
+        """
+        Args:
+            backbone (Backbone): produces the features named in ``head_in_features``.
+            head (nn.Module): see ``RETINA_FOCAL_HEAD_REGISTRY``.
+            head_in_features (list[str]): feature names fed to the head, e.g. p3…p7.
+            anchor_generator (nn.Module): per-level anchors (list[Boxes]) from features.
+            box2box_transform (Box2BoxTransform): the R-CNN box parameterization.
+            anchor_matcher (Matcher): the §4 IoU rule (fg ≥ 0.5, bg < 0.4, ignore between).
+            num_classes (int): K.
+            cls_loss (nn.Module): see ``RETINA_FOCAL_LOSS_REGISTRY``.
+            box_reg_loss_type (str): "smooth_l1" | "giou" | "diou" | "ciou".
+            smooth_l1_beta (float): β of smooth-L1 (0 = L1).
+            loss_normalizer_momentum (float): EMA momentum of the foreground count in [0, 1).
+            test_score_thresh (float): drop candidates scoring ≤ this (0.05, §4).
+            test_topk_candidates (int): candidates kept per level before NMS (1000, §4).
+            test_nms_thresh (float): class-wise NMS IoU threshold (0.5, §4).
+            max_detections_per_image (int): detections kept per image (100, COCO).
+            pixel_mean, pixel_std: per-channel input normalization.
+        """
+        super().__init__()
+        if not 0.0 <= loss_normalizer_momentum < 1.0:
+            raise ValueError(
+                "MODEL.RETINA_FOCAL.LOSS_NORMALIZER_MOMENTUM must be in [0, 1), got "
+                f"{loss_normalizer_momentum}"
+            )
+        self.backbone = backbone
+        self.head = head
+        self.head_in_features = list(head_in_features)
+        self.anchor_generator = anchor_generator
+        self.box2box_transform = box2box_transform
+        self.anchor_matcher = anchor_matcher
+        self.num_classes = num_classes
+        self.cls_loss = cls_loss
+        self.box_reg_loss_type = box_reg_loss_type
+        self.smooth_l1_beta = smooth_l1_beta
+        self.loss_normalizer_momentum = loss_normalizer_momentum
+        # Running number of foreground anchors per batch; 100 is detectron2's start value.
+        self.loss_normalizer = 100.0
+        self.test_score_thresh = test_score_thresh
+        self.test_topk_candidates = test_topk_candidates
+        self.test_nms_thresh = test_nms_thresh
+        self.max_detections_per_image = max_detections_per_image
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        produced = backbone.output_shape()
+        in_features = cfg.MODEL.RETINANET.IN_FEATURES
+        missing = [f for f in in_features if f not in produced]
+        if missing:
+            raise ValueError(
+                f"MODEL.RETINANET.IN_FEATURES names {missing}, which the backbone "
+                f"({cfg.MODEL.BACKBONE.NAME}) does not produce; it produces {sorted(produced)}"
+            )
+        feature_shapes: List[ShapeSpec] = [produced[f] for f in in_features]
+        return {
+            "backbone": backbone,
+            "head": build_retina_focal_head(cfg, feature_shapes),
+            "head_in_features": in_features,
+            "anchor_generator": build_anchor_generator(cfg, feature_shapes),
+            "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS),
+            # §4: IoU >= 0.5 foreground, < 0.4 background, in between ignored; each
+            # ground-truth box also keeps its best anchors (low-quality matches, as in RPN).
+            "anchor_matcher": Matcher(
+                cfg.MODEL.RETINANET.IOU_THRESHOLDS,
+                cfg.MODEL.RETINANET.IOU_LABELS,
+                allow_low_quality_matches=True,
+            ),
+            "num_classes": cfg.MODEL.RETINANET.NUM_CLASSES,
+            "cls_loss": build_retina_focal_loss(cfg),
+            "box_reg_loss_type": cfg.MODEL.RETINANET.BBOX_REG_LOSS_TYPE,
+            "smooth_l1_beta": cfg.MODEL.RETINANET.SMOOTH_L1_LOSS_BETA,
+            "loss_normalizer_momentum": cfg.MODEL.RETINA_FOCAL.LOSS_NORMALIZER_MOMENTUM,
+            "test_score_thresh": cfg.MODEL.RETINANET.SCORE_THRESH_TEST,
+            "test_topk_candidates": cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": cfg.MODEL.RETINANET.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs (list[dict]): per image, "image" (C, H, W) in the input format,
+                "instances" (training) and optionally "height"/"width" (output size).
+
+        Returns:
+            training: dict with "loss_cls" and "loss_box_reg" scalars;
+            inference: list of {"instances": Instances} at the requested output size.
+        """
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        features = [features[f] for f in self.head_in_features]
+        logits, deltas = self.head(features)
+        anchors = self.anchor_generator(features)
+        logits = [permute_to_N_HWA_K(x, self.num_classes) for x in logits]  # (N, HiWiA, K)
+        deltas = [permute_to_N_HWA_K(x, 4) for x in deltas]  # (N, HiWiA, 4)
+        if self.training:
+            if "instances" not in batched_inputs[0]:
+                raise ValueError("RetinaFocal is in training mode but the inputs have no 'instances'")
+            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+            gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+            return self.losses(anchors, logits, deltas, gt_labels, gt_boxes)
+        results = self.inference(anchors, logits, deltas, images.image_sizes)
+        return [
+            {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1]))}
+            for r, x, size in zip(results, batched_inputs, images.image_sizes)
+        ]
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalize, pad to the backbone's size divisibility and batch the images."""
+        images = [move_device_like(x["image"], self.pixel_mean) for x in batched_inputs]
+        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
+        return ImageList.from_tensors(
+            images,
+            self.backbone.size_divisibility,
+            padding_constraints=self.backbone.padding_constraints,
+        )
+
+    @torch.no_grad()
+    def label_anchors(self, anchors: List[Boxes], gt_instances: List[Instances]) -> Tuple[Tensor, Tensor]:
+        """Assign every anchor a class, background or "ignore" by the §4 IoU rule.
+
+        Args:
+            anchors (list[Boxes]): per level (HiWiA, 4).
+            gt_instances (list[Instances]): per image, ``gt_boxes`` and ``gt_classes``.
+
+        Returns:
+            gt_labels (Tensor): (N, R), R = sum(Hi*Wi*A): a class in [0, K) for foreground,
+                K for background, -1 for ignored anchors.
+            matched_gt_boxes (Tensor): (N, R, 4) the matched box (meaningful where foreground).
+        """
+        anchors = Boxes.cat(anchors)  # (R, 4)
+        gt_labels, matched_gt_boxes = [], []
+        for instances in gt_instances:  # images differ in their number of boxes
+            iou = pairwise_iou(instances.gt_boxes, anchors)  # (G, R)
+            matched_idxs, anchor_labels = self.anchor_matcher(iou)  # (R,), (R,) in {-1, 0, 1}
+            if len(instances) > 0:
+                labels = instances.gt_classes[matched_idxs]
+                boxes = instances.gt_boxes.tensor[matched_idxs]
+            else:  # no objects: every anchor is background
+                labels = torch.zeros_like(matched_idxs)
+                boxes = torch.zeros_like(anchors.tensor)
+            labels = torch.where(anchor_labels == 0, torch.full_like(labels, self.num_classes), labels)
+            labels = torch.where(anchor_labels == -1, torch.full_like(labels, -1), labels)
+            gt_labels.append(labels)
+            matched_gt_boxes.append(boxes)
+        return torch.stack(gt_labels), torch.stack(matched_gt_boxes)
+
+    def losses(
+        self,
+        anchors: List[Boxes],
+        logits: List[Tensor],
+        deltas: List[Tensor],
+        gt_labels: Tensor,
+        gt_boxes: Tensor,
+    ) -> Dict[str, Tensor]:
+        """Classification loss (registry) and box loss, both divided by the foreground count.
+
+        Args:
+            anchors (list[Boxes]): per level (HiWiA, 4).
+            logits, deltas (list[Tensor]): per level (N, HiWiA, K) and (N, HiWiA, 4).
+            gt_labels, gt_boxes: from :meth:`label_anchors`, (N, R) and (N, R, 4).
+        """
+        fg_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)  # (N, R)
+        num_fg = fg_mask.sum().item()
+        get_event_storage().put_scalar("num_pos_anchors", num_fg / gt_labels.shape[0])
+        normalizer = self._update_loss_normalizer(num_fg)
+        anchors = Boxes.cat(anchors).tensor  # (R, 4)
+        loss_cls = self.cls_loss(cat(logits, dim=1), gt_labels, normalizer, anchors=anchors)
+        loss_box_reg = box_regression_loss(
+            anchors,
+            cat(deltas, dim=1),
+            gt_boxes,
+            fg_mask,
+            self.box2box_transform,
+            self.box_reg_loss_type,
+            self.smooth_l1_beta,
+        )
+        return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg / normalizer}
+
+    def _update_loss_normalizer(self, num_fg: int) -> float:
+        """EMA of max(#foreground, 1): §4.1's normalizer, smoothed for small batches."""
+        m = self.loss_normalizer_momentum
+        self.loss_normalizer = m * self.loss_normalizer + (1 - m) * max(num_fg, 1)
+        return self.loss_normalizer
+
+    @torch.no_grad()
+    def inference(
+        self,
+        anchors: List[Boxes],
+        logits: List[Tensor],
+        deltas: List[Tensor],
+        image_sizes: List[Tuple[int, int]],
+    ) -> List[Instances]:
+        """§4 "Inference" for each image; boxes are in the (resized) input frame.
+
+        Args:
+            anchors (list[Boxes]): per level (HiWiA, 4).
+            logits, deltas (list[Tensor]): per level (N, HiWiA, K) and (N, HiWiA, 4).
+            image_sizes (list[(int, int)]): (h, w) of each image before padding.
+        """
+        results = []
+        for i, image_size in enumerate(image_sizes):
+            candidates = [
+                self._decode_level(a.tensor, lg[i], dl[i]) for a, lg, dl in zip(anchors, logits, deltas)
+            ]
+            boxes, scores, classes = (cat(parts) for parts in zip(*candidates))
+            keep = batched_nms(boxes, scores, classes, self.test_nms_thresh)  # class-wise NMS
+            keep = keep[: self.max_detections_per_image]
+            results.append(
+                Instances(image_size, pred_boxes=Boxes(boxes[keep]), scores=scores[keep], pred_classes=classes[keep])
+            )
+        return results
+
+    def _decode_level(self, anchors: Tensor, logits: Tensor, deltas: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Threshold, keep the top-k (anchor, class) pairs of one level, decode their boxes.
+
+        Args:
+            anchors (Tensor): (HWA, 4); logits (Tensor): (HWA, K); deltas (Tensor): (HWA, 4).
+
+        Returns:
+            boxes (M, 4), scores (M,), classes (M,) with M ≤ test_topk_candidates.
+        """
+        scores = logits.sigmoid().flatten()  # (HWA*K,)
+        keep = torch.nonzero(scores > self.test_score_thresh).squeeze(1)  # thresholding first: cheaper top-k
+        scores = scores[keep]
+        num_topk = min(self.test_topk_candidates, keep.numel())
+        scores, order = scores.topk(num_topk)
+        keep = keep[order]
+        anchor_idxs = keep // self.num_classes
+        classes = keep % self.num_classes
+        boxes = self.box2box_transform.apply_deltas(deltas[anchor_idxs], anchors[anchor_idxs])
+        return boxes, scores, classes

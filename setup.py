@@ -1,0 +1,38 @@
+#!/usr/bin/env python
+"""retina_focal: RetinaNet and the focal loss (Lin et al., 2017) as a detectron2 plugin.
+
+detectron2 itself is not listed in install_requires: it is not on PyPI under its own
+name. ``tools/install.sh`` (``make install``) installs it first, or keeps the one you have.
+"""
+import os
+import re
+
+from setuptools import find_packages, setup
+
+
+def _version() -> str:
+    init = os.path.join(os.path.dirname(os.path.abspath(__file__)), "retina_focal", "__init__.py")
+    with open(init) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+setup(
+    name="retina_focal",
+    version=_version(),
+    description="RetinaNet and the focal loss for dense object detection, as a detectron2 plugin",
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.8",
+    packages=find_packages(include=["retina_focal", "retina_focal.*"]),
+    install_requires=[
+        "torch>=1.13",
+        "torchvision>=0.14",
+        "fvcore>=0.1.5",
+        "pycocotools>=2.0.2",
+        "opencv-python>=4.5",
+        "matplotlib>=3.3",
+        "numpy>=1.21",
+    ],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+)
