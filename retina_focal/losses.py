@@ -57,7 +57,8 @@ def sigmoid_focal_loss(
 ) -> Tensor:
     """FL(p_t) = -α_t (1 - p_t)^γ log(p_t) (eq. 5), elementwise on sigmoid outputs.
 
-    Same signature and semantics as ``fvcore.nn.sigmoid_focal_loss``, but computed from
+    Same signature and semantics as ``fvcore.nn.sigmoid_focal_loss`` (except the default
+    ``alpha``: 0.25 here, the paper's and torchvision's; -1 in fvcore), but computed from
     x_t = ±x in log space: log(p_t) = logsigmoid(x_t) and (1 - p_t)^γ =
     exp(γ·logsigmoid(-x_t)). No log(sigmoid(x)) is ever formed, so loss and gradient are
     finite for every finite logit and every γ ≥ 0 (fvcore's gradient is NaN for γ < 1 once

@@ -1,0 +1,56 @@
+import glob
+import os
+
+import pytest
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+import retina_focal
+from tests.conftest import REPO
+
+CONFIGS = sorted(
+    os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
+)
+
+
+def _load(path):
+    cfg = get_cfg()
+    retina_focal.add_retina_focal_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, path))
+    return cfg
+
+
+def test_configs_exist():
+    assert "configs/Base-RetinaFocal.yaml" in CONFIGS
+    assert "configs/COCO-Detection/retina_focal_R_50_FPN_1x.yaml" in CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_every_config_loads_and_builds(path):
+    cfg = _load(path)
+    assert cfg.MODEL.META_ARCHITECTURE == "RetinaFocal"
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    assert isinstance(model, retina_focal.RetinaFocal)
+
+
+def test_base_config_is_the_papers_schedule():
+    cfg = _load("configs/Base-RetinaFocal.yaml")
+    s = cfg.SOLVER
+    assert (s.IMS_PER_BATCH, s.BASE_LR, s.MAX_ITER, tuple(s.STEPS)) == (16, 0.01, 90000, (60000, 80000))
+    assert (s.WEIGHT_DECAY, s.MOMENTUM) == (0.0001, 0.9)
+    assert cfg.INPUT.MIN_SIZE_TRAIN == (800,) and cfg.INPUT.RANDOM_FLIP == "horizontal"
+    assert cfg.MODEL.RETINANET.IN_FEATURES == ["p3", "p4", "p5", "p6", "p7"]
+
+
+def test_jitter_configs_are_one_and_a_half_times_longer():
+    cfg = _load("configs/COCO-Detection/retina_focal_R_101_FPN_1.5x_jitter.yaml")
+    assert cfg.SOLVER.MAX_ITER == 135000 and tuple(cfg.SOLVER.STEPS) == (90000, 120000)
+    assert min(cfg.INPUT.MIN_SIZE_TRAIN) == 640 and max(cfg.INPUT.MIN_SIZE_TRAIN) == 800
+
+
+def test_add_config_twice_keeps_merged_values():
+    cfg = _load("configs/Base-RetinaFocal.yaml")
+    cfg.MODEL.RETINA_FOCAL.P6_FROM = "p5"
+    retina_focal.add_retina_focal_config(cfg)
+    assert cfg.MODEL.RETINA_FOCAL.P6_FROM == "p5"

@@ -1,0 +1,65 @@
+import math
+
+import pytest
+import torch
+from detectron2.layers import ShapeSpec
+
+from retina_focal import RETINA_FOCAL_HEAD_REGISTRY, RetinaFocalHead, build_retina_focal_head
+from tests.conftest import small_cfg
+
+
+def test_paper_initialization():
+    head = RetinaFocalHead(in_channels=256, num_anchors=9, num_classes=80)
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4 + 4 + 2
+    for conv in convs:  # §4.1: Gaussian weights with sigma = 0.01
+        assert conv.weight.std().item() == pytest.approx(0.01, rel=0.05)
+        assert conv.weight.mean().abs().item() < 1e-3
+    for conv in convs[:-2] + [head.bbox_pred]:
+        assert torch.count_nonzero(conv.bias) == 0
+    # b = -log((1 - pi) / pi) with pi = 0.01, i.e. -log(99)
+    torch.testing.assert_close(head.cls_score.bias, torch.full((720,), -math.log(99.0)))
+
+
+def test_initial_foreground_probability_is_the_prior():
+    head = RetinaFocalHead(in_channels=64, num_anchors=9, num_classes=4, prior_prob=0.01)
+    logits, _ = head([torch.randn(2, 64, 16, 16)])
+    p = logits[0].sigmoid()
+    assert p.mean().item() == pytest.approx(0.01, rel=0.05)
+    assert p.max().item() < 0.02
+
+
+@pytest.mark.parametrize("num_convs, norm", [(4, ""), (2, ""), (0, ""), (4, "GN")])
+def test_output_shapes_per_level_and_shared_weights(num_convs, norm):
+    head = RetinaFocalHead(in_channels=32, num_anchors=9, num_classes=5, num_convs=num_convs, norm=norm)
+    feats = [torch.randn(2, 32, s, s) for s in (16, 8, 4, 2, 1)]
+    logits, deltas = head(feats)
+    assert [tuple(x.shape) for x in logits] == [(2, 45, s, s) for s in (16, 8, 4, 2, 1)]
+    assert [tuple(x.shape) for x in deltas] == [(2, 36, s, s) for s in (16, 8, 4, 2, 1)]
+    # the same module serves every level: level i alone gives the same output
+    torch.testing.assert_close(head([feats[2]])[0][0], logits[2])
+    convs_per_tower = sum(isinstance(m, torch.nn.Conv2d) for m in head.cls_subnet)
+    assert convs_per_tower == num_convs
+
+
+def test_layer_names_equal_detectron2_head():
+    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+
+    cfg = small_cfg()
+    shapes = [ShapeSpec(channels=64, stride=s) for s in (8, 16, 32, 64, 128)]
+    ours, theirs = RetinaFocalHead(cfg, shapes), RetinaNetHead(cfg, shapes)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_head_is_chosen_by_config_and_unknown_names_are_listed():
+    shapes = [ShapeSpec(channels=64, stride=s) for s in (8, 16, 32, 64, 128)]
+    assert isinstance(build_retina_focal_head(small_cfg(), shapes), RetinaFocalHead)
+    with pytest.raises(KeyError, match="RetinaFocalHead"):
+        build_retina_focal_head(small_cfg("MODEL.RETINA_FOCAL.HEAD_NAME", "NoSuchHead"), shapes)
+    assert "RetinaFocalHead" in RETINA_FOCAL_HEAD_REGISTRY
+
+
+@pytest.mark.parametrize("prior", [0.0, 1.0, -0.1])
+def test_prior_outside_open_unit_interval_is_rejected(prior):
+    with pytest.raises(ValueError, match="PRIOR_PROB"):
+        RetinaFocalHead(in_channels=8, num_anchors=1, num_classes=1, prior_prob=prior)
