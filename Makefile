@@ -9,7 +9,7 @@ install:
 	bash tools/install.sh
 
 demo: install
-	$(PY) train_net.py --config-file $(DEMO_CONFIG)
+	$(PY) tools/demo.py --config-file $(DEMO_CONFIG)
 
 test: install
 	$(PY) -m pytest -q

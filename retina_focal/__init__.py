@@ -13,7 +13,7 @@ from .backbone import build_retina_focal_resnet_fpn_backbone
 from .head import RETINA_FOCAL_HEAD_REGISTRY, RetinaFocalHead, build_retina_focal_head
 from .losses import RETINA_FOCAL_LOSS_REGISTRY, FocalLoss, build_retina_focal_loss, sigmoid_focal_loss
 from .meta_arch import RetinaFocal
-from . import data  # noqa: F401  (registers the built-in datasets' loaders)
+from . import data  # noqa: F401  (retina_focal.data.register_shapes; train_net registers them)
 
 __all__ = [
     "add_retina_focal_config",

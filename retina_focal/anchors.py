@@ -11,7 +11,6 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import ANCHOR_GENERATOR_REGISTRY, DefaultAnchorGenerator
 from detectron2.structures import Boxes
 
@@ -71,10 +70,6 @@ class RetinaFocalAnchorGenerator(DefaultAnchorGenerator):
         self._cache_size = cache_size
         self._cache: Dict[Tuple, List[torch.Tensor]] = {}
 
-    @classmethod
-    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
-        return super().from_config(cfg, input_shape)
-
     def forward(self, features: List[torch.Tensor]) -> List[Boxes]:
         """
         Args:
@@ -82,9 +77,11 @@ class RetinaFocalAnchorGenerator(DefaultAnchorGenerator):
 
         Returns:
             list[Boxes]: per level (Hi*Wi*A, 4) XYXY anchors in input pixels. Read-only: they
-            may be shared with later calls.
+            are shared with later calls of the same grid sizes (no in-place ops on them).
         """
         grid_sizes = [tuple(f.shape[-2:]) for f in features]
+        if torch.jit.is_tracing() or torch.jit.is_scripting():  # sizes must stay symbolic
+            return [Boxes(a) for a in self._grid_anchors(grid_sizes)]
         key = (tuple(grid_sizes), features[0].device)
         anchors = self._cache.get(key)
         if anchors is None:

@@ -1,7 +1,7 @@
 """Config keys added by retina_focal.
 
 Everything new lives under ``cfg.MODEL.RETINA_FOCAL``. Keys that detectron2 already
-defines with the right meaning are reused, not copied (see the table in ``docs/config.md``):
+defines with the right meaning are reused, not copied (see "Config keys" in README.md):
 
 - ``MODEL.RETINANET``: NUM_CLASSES, IN_FEATURES, NUM_CONVS, PRIOR_PROB, NORM,
   IOU_THRESHOLDS, IOU_LABELS, FOCAL_LOSS_ALPHA, FOCAL_LOSS_GAMMA, SMOOTH_L1_LOSS_BETA,
@@ -33,8 +33,9 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # P5, as some later detectors (e.g. FCOS) do.
     _C.MODEL.RETINA_FOCAL.P6_FROM = "res5"
     # Momentum of the running average of the number of foreground anchors that normalizes
-    # both losses (§4.1 normalizes by #foreground; detectron2 smooths it, momentum 0.9, so
-    # small per-GPU batches are stable). 0 = plain per-batch count as in the paper.
+    # both losses. §4.1 normalizes each image's loss by its assigned anchors; Detectron
+    # divides the per-GPU batch sum by the batch's count (momentum 0 here); detectron2
+    # smooths that count (momentum 0.9) so small per-GPU batches are stable.
     _C.MODEL.RETINA_FOCAL.LOSS_NORMALIZER_MOMENTUM = 0.9
 
     # Classification loss (retina_focal.RETINA_FOCAL_LOSS_REGISTRY). The focal loss reads

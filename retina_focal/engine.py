@@ -2,8 +2,11 @@
 
 ``train_net.py`` is a thin command line around :class:`RetinaFocalTrainer` and :func:`setup`.
 """
+import logging
 import os
 from contextlib import contextmanager
+
+import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
@@ -17,6 +20,8 @@ from .config import add_retina_focal_config
 from .data import register_builtin_shapes
 
 __all__ = ["RetinaFocalTrainer", "create_ddp_model", "setup", "evaluate"]
+
+logger = logging.getLogger(__name__)
 
 _d2_create_ddp_model = d2_defaults.create_ddp_model
 
@@ -65,7 +70,18 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    _share_cpu_threads(cfg)
     return cfg
+
+
+def _share_cpu_threads(cfg) -> None:
+    """N CPU processes on one machine each get cores/N threads instead of all cores each
+    (oversubscription makes a 2-process CPU run slower than one process)."""
+    local = comm.get_local_size()
+    if cfg.MODEL.DEVICE == "cpu" and local > 1:
+        threads = max(1, (os.cpu_count() or 1) // local)
+        torch.set_num_threads(threads)
+        logger.info(f"{local} CPU processes on this machine: {threads} torch thread(s) each")
 
 
 def evaluate(cfg):

@@ -45,6 +45,10 @@ def prior_bias(prior_prob: float) -> float:
     return -math.log((1 - prior_prob) / prior_prob)
 
 
+# Batch norms whose statistics would be mixed across pyramid levels by a shared head.
+_PER_LEVEL_NORMS = ("BN", "SyncBN", "naiveSyncBN", "nnSyncBN")
+
+
 def conv_tower(channels: int, num_convs: int, norm: str = "") -> nn.Sequential:
     """``num_convs`` × (3×3 conv, [norm], ReLU) at constant width; 4 convs in §4."""
     layers: List[nn.Module] = []
@@ -99,7 +103,7 @@ class RetinaFocalHead(nn.Module):
             num_classes (int): K, object classes (no background class: sigmoid outputs).
             num_convs (int): 3×3 convs in each tower (4 in §4; 0 allowed).
             norm (str): "" (paper), or a detectron2 norm name such as "GN" placed after each
-                tower conv (GroupNorm as in later RetinaNet recipes).
+                tower conv (GroupNorm as in later RetinaNet recipes); batch norms are rejected.
             prior_prob (float): π of §3.3; the classifier starts at sigmoid = π.
         """
         super().__init__()
@@ -107,6 +111,11 @@ class RetinaFocalHead(nn.Module):
             raise ValueError(f"MODEL.RETINANET.NUM_CLASSES must be >= 1, got {num_classes}")
         if num_convs < 0:
             raise ValueError(f"MODEL.RETINANET.NUM_CONVS must be >= 0, got {num_convs}")
+        if norm in _PER_LEVEL_NORMS:
+            raise ValueError(
+                f"MODEL.RETINANET.NORM={norm!r} is not supported: a head shared across levels needs "
+                "per-level batch statistics (detectron2's CycleBatchNormList); use 'GN' or ''"
+            )
         self.num_classes = num_classes
         self.num_anchors = num_anchors
         self.cls_subnet = conv_tower(in_channels, num_convs, norm)
@@ -122,7 +131,10 @@ class RetinaFocalHead(nn.Module):
         channels = {s.channels for s in input_shape}
         if len(channels) != 1:
             raise ValueError(f"The head is shared across levels, so all need equal channels; got {channels}")
-        num_anchors = build_anchor_generator(cfg, input_shape).num_cell_anchors[0]
+        anchors_per_level = set(build_anchor_generator(cfg, input_shape).num_cell_anchors)
+        if len(anchors_per_level) != 1:
+            raise ValueError(f"The head is shared across levels, so all need equal anchor counts; got {anchors_per_level}")
+        num_anchors = anchors_per_level.pop()
         return {
             "in_channels": channels.pop(),
             "num_anchors": num_anchors,

@@ -12,7 +12,6 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import ciou_loss, diou_loss
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.structures import Boxes
 from fvcore.nn import giou_loss, smooth_l1_loss
 from detectron2.utils.registry import Registry
 from torch import Tensor, nn
@@ -39,7 +38,7 @@ Built as ``obj(cfg)``. ``forward(logits, gt_labels, normalizer, anchors=None)`` 
 * gt_labels (Tensor): (N, R) int64, a class in [0, K) for foreground anchors, K for
   background and -1 for ignored anchors (IoU in [0.4, 0.5), §4);
 * normalizer (float): the (smoothed) number of foreground anchors (§4.1);
-* anchors (Boxes): (R, 4) anchors, the same for every image, for losses that need
+* anchors (Tensor): (R, 4) XYXY anchors, the same for every image, for losses that need
   geometry (e.g. OHEM's NMS);
 
 and returns the scalar loss, already normalized.
@@ -65,7 +64,8 @@ def sigmoid_focal_loss(
     the sigmoid saturates).
 
     Args:
-        inputs (Tensor): logits of any shape, any float dtype (computed in float32).
+        inputs (Tensor): logits of any shape; half/bfloat16 are computed in float32, float64
+            stays float64.
         targets (Tensor): same shape, binary labels in {0, 1}.
         alpha (float): weight α of the positives in [0, 1], negatives get 1 - α; < 0
             disables the weighting.
@@ -73,14 +73,15 @@ def sigmoid_focal_loss(
         reduction (str): "none" | "mean" | "sum".
 
     Returns:
-        Tensor: the loss with ``reduction`` applied, float32.
+        Tensor: the loss with ``reduction`` applied, float32 (float64 for float64 inputs).
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if gamma < 0:
         raise ValueError(f"focal loss gamma must be >= 0, got {gamma}")
-    inputs = inputs.float()
-    targets = targets.float()
+    dtype = torch.promote_types(inputs.dtype, torch.float32)  # AMP-safe: never in half
+    inputs = inputs.to(dtype)
+    targets = targets.to(dtype)
     signs = 2.0 * targets - 1.0  # +1 for positives, -1 for negatives
     x_t = inputs * signs  # log-odds of the true class
     loss = -F.logsigmoid(x_t)  # CE = -log(p_t)
@@ -126,7 +127,7 @@ def _check_alpha_gamma(alpha: float, gamma: float) -> None:
 class FocalLoss(nn.Module):
     """The focal loss of §3.2 summed over all non-ignored anchors, divided by the normalizer.
 
-    §4 ("Focal Loss"): applied to all ~100k anchors of each image, normalized by the
+    §4.1 ("Focal Loss"): applied to all ~100k anchors of each image, normalized by the
     number of anchors assigned to a ground-truth box. γ = 0 gives the α-balanced CE
     baseline of Table 1a.
     """
@@ -151,7 +152,7 @@ class FocalLoss(nn.Module):
         }
 
     def forward(
-        self, logits: Tensor, gt_labels: Tensor, normalizer: float, anchors: Optional[Boxes] = None
+        self, logits: Tensor, gt_labels: Tensor, normalizer: float, anchors: Optional[Tensor] = None
     ) -> Tensor:
         """See ``RETINA_FOCAL_LOSS_REGISTRY`` for the arguments."""
         valid_logits, targets = valid_logits_and_targets(logits, gt_labels)  # (M, K) each

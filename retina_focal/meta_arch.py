@@ -5,7 +5,7 @@ preprocess → backbone (ResNet-FPN, P3–P7) → anchors → head (class + box 
 * training: label anchors with the §4 IoU rule, classification loss from the registry
   (the focal loss by default) + box regression loss, both normalized by the number of
   foreground anchors (§4.1);
-* inference (§4 "Inference"): per level, scores thresholded at 0.05 and at most 1000
+* inference (§4.1 "Inference"): per level, scores thresholded at 0.05 and at most 1000
   top-scoring candidates decoded; levels merged; class-wise NMS at 0.5; top 100 kept.
 """
 import logging
@@ -24,7 +24,7 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
 from .head import build_retina_focal_head
-from .losses import box_regression_loss, build_retina_focal_loss
+from .losses import BOX_REG_LOSS_TYPES, box_regression_loss, build_retina_focal_loss
 
 __all__ = ["RetinaFocal"]
 
@@ -77,13 +77,17 @@ class RetinaFocal(nn.Module):
             box_reg_loss_type (str): "smooth_l1" | "giou" | "diou" | "ciou".
             smooth_l1_beta (float): β of smooth-L1 (0 = L1).
             loss_normalizer_momentum (float): EMA momentum of the foreground count in [0, 1).
-            test_score_thresh (float): drop candidates scoring ≤ this (0.05, §4).
-            test_topk_candidates (int): candidates kept per level before NMS (1000, §4).
-            test_nms_thresh (float): class-wise NMS IoU threshold (0.5, §4).
+            test_score_thresh (float): drop candidates scoring ≤ this (0.05, §4.1).
+            test_topk_candidates (int): candidates kept per level before NMS (1000, §4.1).
+            test_nms_thresh (float): class-wise NMS IoU threshold (0.5, §4.1).
             max_detections_per_image (int): detections kept per image (100, COCO).
             pixel_mean, pixel_std: per-channel input normalization.
         """
         super().__init__()
+        if box_reg_loss_type not in BOX_REG_LOSS_TYPES:
+            raise ValueError(
+                f"MODEL.RETINANET.BBOX_REG_LOSS_TYPE must be one of {BOX_REG_LOSS_TYPES}, got {box_reg_loss_type!r}"
+            )
         if not 0.0 <= loss_normalizer_momentum < 1.0:
             raise ValueError(
                 "MODEL.RETINA_FOCAL.LOSS_NORMALIZER_MOMENTUM must be in [0, 1), got "
@@ -211,11 +215,11 @@ class RetinaFocal(nn.Module):
             if len(instances) > 0:
                 labels = instances.gt_classes[matched_idxs]
                 boxes = instances.gt_boxes.tensor[matched_idxs]
-            else:  # no objects: every anchor is background
-                labels = torch.zeros_like(matched_idxs)
+                labels = torch.where(anchor_labels == 0, torch.full_like(labels, self.num_classes), labels)
+                labels = torch.where(anchor_labels == -1, torch.full_like(labels, -1), labels)
+            else:  # no objects: every anchor is background, whatever IOU_LABELS says
+                labels = torch.full_like(matched_idxs, self.num_classes)
                 boxes = torch.zeros_like(anchors.tensor)
-            labels = torch.where(anchor_labels == 0, torch.full_like(labels, self.num_classes), labels)
-            labels = torch.where(anchor_labels == -1, torch.full_like(labels, -1), labels)
             gt_labels.append(labels)
             matched_gt_boxes.append(boxes)
         return torch.stack(gt_labels), torch.stack(matched_gt_boxes)
@@ -266,7 +270,7 @@ class RetinaFocal(nn.Module):
         deltas: List[Tensor],
         image_sizes: List[Tuple[int, int]],
     ) -> List[Instances]:
-        """§4 "Inference" for each image; boxes are in the (resized) input frame.
+        """§4.1 "Inference" for each image; boxes are in the (resized) input frame.
 
         Args:
             anchors (list[Boxes]): per level (HiWiA, 4).

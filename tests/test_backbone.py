@@ -26,13 +26,16 @@ def test_levels_strides_and_p6_source(p6_from, p6_in_channels):
     assert [tuple(outputs[k].shape[-2:]) for k in LEVELS] == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
 
 
-def test_p6_really_reads_c5():
-    """Changing C5 changes P6 (through the p6 conv, not only through P5's top-down path)."""
-    backbone = _build().eval()
+@pytest.mark.parametrize("p6_from", ["res5", "p5"])
+def test_p6_and_p7_are_computed_as_in_the_paper(p6_from):
+    """P6 = conv3x3/2(C5) (or of P5), P7 = conv3x3/2(ReLU(P6)) (§4, footnote 2)."""
+    backbone = _build("MODEL.RETINA_FOCAL.P6_FROM", p6_from).eval()
     x = torch.rand(1, 3, 128, 128)
-    feats = backbone.bottom_up(x)
-    p6_from_c5 = backbone.top_block.p6(feats["res5"])
-    torch.testing.assert_close(backbone(x)["p6"], p6_from_c5)
+    out = backbone(x)
+    source = backbone.bottom_up(x)["res5"] if p6_from == "res5" else out["p5"]
+    torch.testing.assert_close(out["p6"], backbone.top_block.p6(source))
+    torch.testing.assert_close(out["p7"], backbone.top_block.p7(torch.relu(out["p6"])))
+    assert backbone.top_block.p6.stride == (2, 2) and backbone.top_block.p6.kernel_size == (3, 3)
 
 
 def test_parameter_names_equal_detectron2_retinanet_backbone():

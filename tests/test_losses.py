@@ -32,7 +32,7 @@ def test_values_and_gradients_equal_fvcore(alpha, gamma, reduction):
     (g_ours,) = torch.autograd.grad(ours.sum(), logits)
     theirs = fvcore_focal_loss(logits, targets, alpha, gamma, reduction)
     (g_theirs,) = torch.autograd.grad(theirs.sum(), logits)
-    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-5, atol=1e-6)  # fvcore: fp32
     # fvcore's sigmoid(x) - t cancels in float32 near saturation; ours does not
     torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-6)
 
@@ -79,7 +79,7 @@ def test_finite_at_extreme_logits(gamma):
 
 def test_never_above_cross_entropy_and_half_of_it_at_gamma0_alpha_half():
     logits, targets = _batch()
-    ce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     assert (sigmoid_focal_loss(logits, targets, alpha=-1, gamma=2.0) <= ce + 1e-6).all()
     torch.testing.assert_close(sigmoid_focal_loss(logits, targets, alpha=0.5, gamma=0.0), 0.5 * ce)
 
@@ -90,6 +90,12 @@ def test_rejects_unknown_reduction_and_negative_gamma():
         sigmoid_focal_loss(x, x, reduction="avg")
     with pytest.raises(ValueError, match="gamma"):
         sigmoid_focal_loss(x, x, gamma=-1.0)
+
+
+def test_float64_stays_float64_for_gradcheck():
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    t = (torch.rand(6, 3) < 0.3).double()
+    assert torch.autograd.gradcheck(lambda v: sigmoid_focal_loss(v, t, 0.25, 2.0, "sum"), (x,))
 
 
 def test_half_precision_inputs_are_computed_in_float32():

@@ -148,3 +148,18 @@ def test_detectron2_checkpoint_gives_the_same_detections(depth, channels, tmp_pa
     score_diff, box_diff, count = parity_figures(cfg, tmp_path)
     print(f"parity R-{depth}: {count} detections, max |score diff| {score_diff:.2e}, max |box diff| {box_diff:.2e} px")
     assert score_diff <= 1e-4 and box_diff <= 0.01
+
+
+def test_training_losses_equal_detectron2_on_the_same_batch():
+    """Same weights, same batch (one image without objects): same loss_cls and loss_box_reg."""
+    cfg = small_cfg("MODEL.PIXEL_STD", [57.375, 57.12, 58.395])
+    theirs = _detectron2_twin(cfg)
+    ours = build_model(cfg)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    inputs = _train_inputs() + [{"image": _images([(128, 128)], seed=5)[0], "instances": make_instances([], [])}]
+    with EventStorage():
+        for _ in range(2):  # twice: the running normalizer must evolve the same way
+            a, b = ours(inputs), theirs(inputs)
+            assert set(a) == set(b) == {"loss_cls", "loss_box_reg"}
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

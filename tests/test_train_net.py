@@ -1,5 +1,6 @@
 """train_net.py end to end on the tiny shapes set: 1 process, --eval-only, 2 CPU processes."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,7 +46,8 @@ def test_single_process_training_writes_checkpoint_and_evaluates(trained):
     out, log = trained
     assert os.path.exists(os.path.join(out, "model_final.pth"))
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
-    assert all(v == v for v in _losses(out))  # finite (no NaN)
+    losses = _losses(out)
+    assert losses and all(math.isfinite(v) for v in losses)
 
 
 def test_eval_only_loads_weights_and_runs_coco_evaluator(trained, tmp_path):

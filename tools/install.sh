@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command, offline-safe set-up of retina_focal in ./.venv (idempotent).
+# One-command set-up of retina_focal in ./.venv (idempotent; needs PyPI only, no GitHub).
 #
 #   bash tools/install.sh            # or: make install
 #

@@ -37,7 +37,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring")
-_GENERATOR_VERSION = 1  # bump when drawing changes, so caches are rebuilt
+_GENERATOR_VERSION = 2  # bump when drawing changes, so caches are rebuilt
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,9 @@ def _draw(img: np.ndarray, cls: int, box: np.ndarray, colour, thickness: int) ->
     cx, cy, w, h = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
     name = SHAPE_CLASSES[cls]
     if name in ("circle", "ring"):
-        axes = (max(int(round(w / 2)), 1), max(int(round(h / 2)), 1))
+        # a stroke is centred on the outline: pull a ring's outline in by half its width
+        inset = 0 if name == "circle" else thickness // 2
+        axes = (max(int(round(w / 2)) - inset, 1), max(int(round(h / 2)) - inset, 1))
         cv2.ellipse(img, (int(round(cx)), int(round(cy))), axes, 0, 0, 360, colour, -1 if name == "circle" else thickness)
     elif name == "square":
         cv2.rectangle(img, (int(x1), int(y1)), (int(x2), int(y2)), colour, -1)

@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""The README's main job: train RetinaFocal on the built-in shapes dataset on a CPU, then
+evaluate with COCOEvaluator and draw what it learned.
+
+    python tools/demo.py                                  # what `make demo` runs
+    python tools/demo.py --num-gpus 2                     # 2 gloo processes on the CPU
+    python tools/demo.py --config-file C.yaml KEY VALUE   # any config / overrides
+
+Writes into OUTPUT_DIR: detectron2's log, metrics.json, TensorBoard events, checkpoints and
+COCO results, plus training_curves.png and predictions/<image id>.png (prediction | truth).
+"""
+import os
+import time
+
+from detectron2.engine import default_argument_parser, launch
+from detectron2.utils import comm
+
+from retina_focal.engine import RetinaFocalTrainer, setup
+from retina_focal.visualize import draw_predictions, plot_training_curves
+
+DEFAULT_CONFIG = "configs/Shapes-Detection/retina_focal_R_18_FPN_demo.yaml"
+
+
+def report(cfg, trainer, results, seconds: float) -> str:
+    """Write the curves and pictures; return the "what just happened" paragraph."""
+    out = cfg.OUTPUT_DIR
+    curves = plot_training_curves(os.path.join(out, "metrics.json"), os.path.join(out, "training_curves.png"))
+    model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+    model.eval()
+    dataset = cfg.DATASETS.TEST[0]
+    pictures = draw_predictions(model, dataset, os.path.join(out, "predictions"))
+    bbox = results.get(dataset, results).get("bbox", {}) if results else {}
+    ap = ", ".join(f"{k} {bbox[k]:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in bbox)
+    return (
+        f"\nWhat just happened: RetinaFocal ({cfg.MODEL.BACKBONE.NAME}, ResNet-{cfg.MODEL.RESNETS.DEPTH}, "
+        f"head {cfg.MODEL.RETINA_FOCAL.HEAD_NAME}, loss {cfg.MODEL.RETINA_FOCAL.LOSS.NAME}) was trained from "
+        f"scratch for {cfg.SOLVER.MAX_ITER} iterations of {cfg.SOLVER.IMS_PER_BATCH} images on "
+        f"{cfg.DATASETS.TRAIN[0]}. Its classifier started at the prior pi = {cfg.MODEL.RETINANET.PRIOR_PROB} "
+        f"for every anchor, and the focal loss (gamma = {cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA}, alpha = "
+        f"{cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA}) turned that into detections. COCOEvaluator on {dataset}: "
+        f"{ap or 'no result'}. Wall time {seconds / 60:.1f} min.\n"
+        f"  log, metrics.json, TensorBoard events, checkpoints: {out}\n"
+        f"  COCO results: {os.path.join(out, 'inference', dataset)}\n"
+        f"  training curves: {curves}\n"
+        f"  predictions (left) beside ground truth (right): {os.path.dirname(pictures[0])}/*.png "
+        f"({len(pictures)} images)\n"
+    )
+
+
+def main(args):
+    start = time.perf_counter()
+    cfg = setup(args)
+    trainer = RetinaFocalTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()
+    # DefaultTrainer.train() returns results only when TEST.EXPECTED_RESULTS is set; the
+    # EvalHook keeps the last evaluation here
+    results = getattr(trainer, "_last_eval_results", None)
+    if comm.is_main_process():
+        print(report(cfg, trainer, results, time.perf_counter() - start), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    parser = default_argument_parser()
+    parser.set_defaults(config_file=DEFAULT_CONFIG)
+    args = parser.parse_args()
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
