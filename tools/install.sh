@@ -24,6 +24,9 @@ D2_RUNTIME_DEPS=(Pillow matplotlib "pycocotools>=2.0.2" "termcolor>=1.1" "yacs>=
 STEP="start"
 
 say() { printf '[install] %s\n' "$*"; }
+# has MODULE...: all modules are installed (a cheap look-up; nothing heavy is imported)
+has() { "$PY" -c 'import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in sys.argv[1:]))' "$@" 2>/dev/null; }
+version() { "$PY" -c 'import importlib.metadata as m, sys; print(" ".join(f"{d} {m.version(d)}" for d in sys.argv[1:]))' "$@" 2>/dev/null; }
 fail() { printf '[install] FAILED at step "%s": %s\n' "$STEP" "$*" >&2; exit 1; }
 trap 'fail "command exited with status $? (see the output above)"' ERR
 
@@ -44,8 +47,8 @@ PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check --no-input)
 
 STEP="torch"
-if "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
-  say "torch: $("$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'), kept"
+if has torch torchvision; then
+  say "torch: $(version torch torchvision), kept"
 else
   say "torch: pip install $TORCH_SPEC"
   # shellcheck disable=SC2086
@@ -53,8 +56,8 @@ else
 fi
 
 STEP="detectron2"
-if "$PY" -c "import detectron2" >/dev/null 2>&1; then
-  say "detectron2: $("$PY" -c 'import detectron2; print(detectron2.__version__, "at", detectron2.__path__[0])'), kept"
+if has detectron2; then
+  say "detectron2: found at $("$PY" -c 'import importlib.util as u; print(u.find_spec("detectron2").submodule_search_locations[0])'), kept"
 else
   "${PIP[@]}" install -q wheel "${D2_RUNTIME_DEPS[@]}" || fail "pip install of detectron2's runtime dependencies"
   work="$(mktemp -d)"
@@ -76,8 +79,8 @@ else
 fi
 
 STEP="retina_focal"
-if "$PY" -c "import retina_focal, pytest, hypothesis" >/dev/null 2>&1 \
-   && [[ "$("$PY" -c 'import retina_focal, os; print(os.path.dirname(os.path.dirname(retina_focal.__file__)))')" == "$ROOT" ]] \
+if has retina_focal pytest hypothesis \
+   && [[ "$("$PY" -c 'import importlib.util as u; print(u.find_spec("retina_focal").origin)')" == "$ROOT/retina_focal/__init__.py" ]] \
    && [[ ! "$ROOT/setup.py" -nt "$VENV/.retina_focal-installed" ]]; then
   say "retina_focal: editable install of $ROOT present, kept"
 else
@@ -86,5 +89,7 @@ else
   touch "$VENV/.retina_focal-installed"
 fi
 
+STEP="check"
+"$PY" -W ignore::FutureWarning -c "import retina_focal.engine" || fail "the environment is installed but 'import retina_focal.engine' fails"
 trap - ERR
 say "done: activate with 'source $VENV/bin/activate' (python: $PY)"
