@@ -18,7 +18,7 @@ def test_short_demo_learns_and_draws(tmp_path):
         "DATASETS.TEST", '("retina_focal_shapes_tiny_val",)',
         "SOLVER.IMS_PER_BATCH", "8", "SOLVER.BASE_LR", "0.01", "SOLVER.MAX_ITER", "60",
         "SOLVER.WARMUP_ITERS", "10", "SOLVER.STEPS", "(50,)", "SOLVER.CHECKPOINT_PERIOD", "1000",
-        "TEST.EVAL_PERIOD", "30", "DATALOADER.NUM_WORKERS", "0",
+        "TEST.EVAL_PERIOD", "30", "DATALOADER.NUM_WORKERS", "0", "SEED", "1",
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
@@ -28,7 +28,7 @@ def test_short_demo_learns_and_draws(tmp_path):
     with open(os.path.join(out, "metrics.json")) as f:
         rows = [json.loads(line) for line in f]
     losses = [r["total_loss"] for r in rows if "total_loss" in r]
-    assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
+    assert len(losses) == 3 and losses[-1] < 0.75 * losses[0], losses  # logged at 19, 39, 59
     aps = [r["bbox/AP"] for r in rows if "bbox/AP" in r]
     assert len(aps) == 2 and aps[-1] > 0  # evaluated at 30 and at the end
 
