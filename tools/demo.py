@@ -32,8 +32,8 @@ def report(cfg, trainer, results, seconds: float) -> str:
     bbox = results.get(dataset, results).get("bbox", {}) if results else {}
     ap = ", ".join(f"{k} {bbox[k]:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in bbox)
     return (
-        f"\nWhat just happened: RetinaFocal ({cfg.MODEL.BACKBONE.NAME}, ResNet-{cfg.MODEL.RESNETS.DEPTH}, "
-        f"head {cfg.MODEL.RETINA_FOCAL.HEAD_NAME}, loss {cfg.MODEL.RETINA_FOCAL.LOSS.NAME}) was trained from "
+        f"\nWhat just happened: {cfg.MODEL.META_ARCHITECTURE} ({cfg.MODEL.BACKBONE.NAME}, ResNet-"
+        f"{cfg.MODEL.RESNETS.DEPTH}) was trained from "
         f"scratch for {cfg.SOLVER.MAX_ITER} iterations of {cfg.SOLVER.IMS_PER_BATCH} images on "
         f"{cfg.DATASETS.TRAIN[0]}. Its classifier started at the prior pi = {cfg.MODEL.RETINANET.PRIOR_PROB} "
         f"for every anchor, and the focal loss (gamma = {cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA}, alpha = "
