@@ -11,17 +11,17 @@ from detectron2.engine import default_argument_parser, launch
 from retina_focal.engine import RetinaFocalTrainer, evaluate, setup
 
 
-def main(args):
+def main(args, trainer_cls=RetinaFocalTrainer):
     cfg = setup(args)
     if args.eval_only:
         return evaluate(cfg)
-    trainer = RetinaFocalTrainer(cfg)
+    trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
 
-if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+def run(args, trainer_cls=RetinaFocalTrainer):
+    """Start ``main`` in ``--num-gpus`` processes per machine (one without DDP)."""
     print("Command Line Args:", args)
     launch(
         main,
@@ -29,5 +29,9 @@ if __name__ == "__main__":
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
-        args=(args,),
+        args=(args, trainer_cls),
     )
+
+
+if __name__ == "__main__":
+    run(default_argument_parser().parse_args())

@@ -12,7 +12,9 @@ from .anchors import RetinaFocalAnchorGenerator
 from .backbone import build_retina_focal_resnet_fpn_backbone
 from .head import RETINA_FOCAL_HEAD_REGISTRY, RetinaFocalHead, build_retina_focal_head
 from .losses import RETINA_FOCAL_LOSS_REGISTRY, FocalLoss, build_retina_focal_loss, sigmoid_focal_loss
+from .matching import EveryGTMatcher, build_anchor_matcher
 from .meta_arch import RetinaFocal
+from .checkpoint import RetinaFocalCheckpointer
 from . import data  # noqa: F401  (retina_focal.data.register_shapes; train_net registers them)
 
 __all__ = [
@@ -26,5 +28,8 @@ __all__ = [
     "FocalLoss",
     "build_retina_focal_loss",
     "sigmoid_focal_loss",
+    "EveryGTMatcher",
+    "build_anchor_matcher",
     "RetinaFocal",
+    "RetinaFocalCheckpointer",
 ]

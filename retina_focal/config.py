@@ -15,7 +15,15 @@ A detectron2 RetinaNet config therefore runs after changing three names:
 ``META_ARCHITECTURE: RetinaFocal``, ``BACKBONE.NAME: build_retina_focal_resnet_fpn_backbone``
 and ``ANCHOR_GENERATOR.NAME: RetinaFocalAnchorGenerator``.
 """
+import logging
+from functools import lru_cache
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["add_retina_focal_config", "warn_ignored_settings"]
+
+logger = logging.getLogger(__name__)
 
 
 def add_retina_focal_config(cfg: CN) -> CN:
@@ -42,4 +50,61 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # its alpha/gamma from MODEL.RETINANET.FOCAL_LOSS_ALPHA/_GAMMA (Table 1b: 0.25, 2.0).
     _C.MODEL.RETINA_FOCAL.LOSS = CN()
     _C.MODEL.RETINA_FOCAL.LOSS.NAME = "FocalLoss"
+
+    # Anchor labelling. False: detectron2's (and Detectron's) rule, under which a ground-truth
+    # box can end up with no anchor when its best anchors overlap another box more. True:
+    # such boxes then take their best free anchor (retina_focal.matching.EveryGTMatcher).
+    _C.MODEL.RETINA_FOCAL.MATCH_EVERY_GT = False
+    # Loading a checkpoint whose classifier has another number of classes is an error; True
+    # loads every other weight and keeps the new classifier (fine-tuning on a new dataset).
+    _C.MODEL.RETINA_FOCAL.REINIT_MISMATCHED_CLASSIFIER = False
+
+    # Iterations between two rows of metrics.json / the console log; each row holds the
+    # median of the iterations since the previous one (1 = every iteration's own values).
+    _C.SOLVER.LOG_PERIOD = 20
+    # Bitwise-reproducible training: deterministic kernels (torch.use_deterministic_algorithms,
+    # cuDNN without autotuning) and a fixed SEED (must be >= 0). See docs/reliability.md.
+    _C.DETERMINISTIC = False
     return cfg
+
+
+# Keys that detectron2's RetinaNet (and RetinaFocal) never reads, with the key to use instead.
+_IGNORED_KEYS = {
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST": "MODEL.RETINANET.SCORE_THRESH_TEST",
+    "MODEL.ROI_HEADS.NMS_THRESH_TEST": "MODEL.RETINANET.NMS_THRESH_TEST",
+    "MODEL.ROI_HEADS.NUM_CLASSES": "MODEL.RETINANET.NUM_CLASSES",
+    "MODEL.ROI_HEADS.IOU_THRESHOLDS": "MODEL.RETINANET.IOU_THRESHOLDS",
+    "MODEL.RPN.IOU_THRESHOLDS": "MODEL.RETINANET.IOU_THRESHOLDS",
+    "MODEL.RPN.BBOX_REG_LOSS_TYPE": "MODEL.RETINANET.BBOX_REG_LOSS_TYPE",
+    "MODEL.MASK_ON": None,
+    "MODEL.KEYPOINT_ON": None,
+}
+
+
+@lru_cache(maxsize=1)
+def _detectron2_defaults() -> CN:
+    return get_cfg()
+
+
+def _lookup(cfg: CN, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def warn_ignored_settings(cfg: CN) -> None:
+    """Warn about keys changed from detectron2's defaults that have no effect on RetinaFocal.
+
+    The classic trap: ``MODEL.ROI_HEADS.SCORE_THRESH_TEST`` (read by R-CNNs only) set in
+    the hope of filtering RetinaNet's detections.
+    """
+    defaults = _detectron2_defaults()
+    for key, use in _IGNORED_KEYS.items():
+        value = _lookup(cfg, key)
+        if value == _lookup(defaults, key):
+            continue
+        if use is None:
+            logger.warning(f"{key}={value} has no effect: RetinaFocal predicts boxes only")
+        elif value != _lookup(cfg, use):
+            logger.warning(f"{key}={value} has no effect on RetinaFocal; set {use} (now {_lookup(cfg, use)})")

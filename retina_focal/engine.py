@@ -1,25 +1,38 @@
-"""Training glue: a DefaultTrainer that evaluates with COCOEvaluator and runs DDP on CPUs.
+"""Training glue: a DefaultTrainer that evaluates with COCOEvaluator, runs DDP on CPUs,
+checks its data, resumes exactly and explains a non-finite loss.
 
 ``train_net.py`` is a thin command line around :class:`RetinaFocalTrainer` and :func:`setup`.
 """
+import json
 import logging
+import math
 import os
+import weakref
 from contextlib import contextmanager
+from typing import Dict, List, Optional
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
+from .checkpoint import AttributeState, RetinaFocalCheckpointer
 from .config import add_retina_focal_config
-from .data import register_builtin_shapes
+from .data import (
+    ResumableTrainLoader,
+    build_resumable_train_loader,
+    check_dataset_dicts,
+    check_num_classes,
+    register_builtin_shapes,
+)
 
-__all__ = ["RetinaFocalTrainer", "create_ddp_model", "setup", "evaluate"]
+__all__ = ["NonFiniteLossError", "RetinaFocalTrainer", "build_checkpointer", "create_ddp_model", "setup", "evaluate"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +60,164 @@ def _cpu_aware_ddp():
         d2_defaults.create_ddp_model = _d2_create_ddp_model
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A NaN or infinite loss, with the context needed to debug and resume (see the message)."""
+
+
+def build_checkpointer(cfg, model, **kwargs) -> RetinaFocalCheckpointer:
+    """The checkpointer of a RetinaFocal run (atomic saves, classifier-size check)."""
+    return RetinaFocalCheckpointer(
+        model,
+        cfg.OUTPUT_DIR,
+        reinit_mismatched_classifier=cfg.MODEL.RETINA_FOCAL.REINIT_MISMATCHED_CLASSIFIER,
+        **kwargs,
+    )
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 class RetinaFocalTrainer(DefaultTrainer):
-    """DefaultTrainer + COCOEvaluator + CPU-safe DDP. Everything else is detectron2's."""
+    """detectron2's DefaultTrainer plus:
+
+    * COCOEvaluator, and DDP that also works for CPU processes (gloo);
+    * training data checked once before the first step (``retina_focal.data.checks``) and
+      a data stream that ``--resume`` continues exactly (``retina_focal.data.train_stream``);
+    * atomic checkpoints that also hold the EMA loss normalizer and the stream seed;
+    * ``SOLVER.LOG_PERIOD``; a non-finite loss raises :class:`NonFiniteLossError` naming
+      the iteration, the loss term and the checkpoint to resume from, and writes a report.
+    """
 
     def __init__(self, cfg):
         with _cpu_aware_ddp():
             super().__init__(cfg)
+        model = _unwrap(self._trainer.model)
+        self.checkpointer.add_checkpointable("loss_normalizer", AttributeState(model, ["loss_normalizer"]))
+        if isinstance(self._trainer.data_loader, ResumableTrainLoader):
+            self.checkpointer.add_checkpointable("train_stream", self._trainer.data_loader)
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ made a plain DetectionCheckpointer just before this call.
+        self.checkpointer = build_checkpointer(self.cfg, self._trainer.model, trainer=weakref.proxy(self))
+        ret = super().build_hooks()
+        for hook in ret:
+            if isinstance(hook, hooks.PeriodicWriter):
+                hook._period = self.cfg.SOLVER.LOG_PERIOD
+        return ret
+
+    def build_writers(self):
+        window = self.cfg.SOLVER.LOG_PERIOD
+        return [
+            CommonMetricPrinter(self.max_iter, window_size=window),
+            JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), window_size=window),
+            TensorboardXWriter(self.cfg.OUTPUT_DIR, window_size=window),
+        ]
+
+    def resume_or_load(self, resume: bool = True):
+        super().resume_or_load(resume=resume)
+        if isinstance(self._trainer.data_loader, ResumableTrainLoader):
+            self._trainer.data_loader.start_at(self.start_iter)
+
+    def run_step(self):
+        try:
+            super().run_step()
+        except FloatingPointError as e:
+            raise NonFiniteLossError(self._report_non_finite_loss()) from e
+
+    def _report_non_finite_loss(self) -> str:
+        """Write ``non_finite_loss_iter_*.json`` beside the checkpoints; return the message."""
+        report = non_finite_loss_report(self._trainer.model, self._trainer.data_loader, self._trainer.optimizer)
+        report["iteration"] = self.iter
+        report["last_checkpoint"] = (
+            self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else None
+        )
+        path = os.path.join(self.cfg.OUTPUT_DIR, f"non_finite_loss_iter_{self.iter:07d}.json")
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+        return _non_finite_loss_message(report, path)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        names = cfg.DATASETS.TRAIN
+        dicts = get_detection_dataset_dicts(names, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
+        check_num_classes(num_classes, names)
+        check_dataset_dicts(dicts, num_classes, names)
+        mapper = DatasetMapper(cfg, is_train=True)
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            logger.warning(
+                f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN}: detectron2's sampler is used, "
+                "and --resume does not continue its data stream exactly"
+            )
+            return build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
+        return build_resumable_train_loader(
+            dicts,
+            mapper,
+            seed=cfg.SEED,
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         DatasetCatalog.get(dataset_name)  # datasets generated on first use must exist now
+        check_num_classes(cfg.MODEL.RETINANET.NUM_CLASSES, [dataset_name])
         return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+
+def non_finite_loss_report(model, data_loader, optimizer) -> Dict:
+    """What went into the failed step: image ids, loss per FPN level, gradient norm, LR.
+
+    The loss per level is recomputed on the step's batch (when the loader recorded it) in
+    eval mode, so no collective op runs while other ranks may be gone.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])) if params else None
+    report = {
+        "learning_rate": [group["lr"] for group in optimizer.param_groups],
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "images": None,
+        "loss_per_level": None,
+    }
+    batch = getattr(data_loader, "last_batch", None)
+    if batch is not None:
+        report["images"] = [{"image_id": x.get("image_id"), "file_name": x.get("file_name")} for x in batch]
+        report["loss_per_level"] = _loss_per_level_in_eval_mode(_unwrap(model), batch)
+    return report
+
+
+def _loss_per_level_in_eval_mode(model, batch: List[Dict]) -> Optional[Dict[str, Dict[str, float]]]:
+    if not hasattr(model, "loss_per_level"):
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        return model.loss_per_level(batch)
+    finally:
+        model.train(was_training)
+
+
+def _non_finite_loss_message(report: Dict, path: str) -> str:
+    per_level = report["loss_per_level"] or {}
+    bad_terms = {
+        term: [level for level, v in levels.items() if not math.isfinite(v)] for term, levels in per_level.items()
+    }
+    bad_terms = {term: levels for term, levels in bad_terms.items() if levels}
+    terms = ", ".join(f"{t} (levels {', '.join(levels)})" for t, levels in bad_terms.items()) or "see the loss_dict above"
+    checkpoint = report["last_checkpoint"]
+    resume = (
+        f"the last checkpoint is {checkpoint}: fix the cause (e.g. a lower SOLVER.BASE_LR, a longer "
+        "SOLVER.WARMUP_ITERS, or the images listed in the report) and rerun with --resume"
+        if checkpoint
+        else "no checkpoint was written yet: the run has to start again"
+    )
+    return (
+        f"Non-finite loss at iteration {report['iteration']}: {terms}; gradient norm "
+        f"{report['grad_norm']}, learning rate {report['learning_rate']}. Report: {path}; {resume}."
+    )
 
 
 def setup(args):
@@ -71,7 +230,20 @@ def setup(args):
     cfg.freeze()
     default_setup(cfg, args)
     _share_cpu_threads(cfg)
+    _configure_determinism(cfg)
     return cfg
+
+
+def _configure_determinism(cfg) -> None:
+    """``DETERMINISTIC True``: deterministic kernels and no cuDNN autotuning (see config.py)."""
+    if not cfg.DETERMINISTIC:
+        return
+    if cfg.SEED < 0:
+        raise ValueError(f"DETERMINISTIC True needs a fixed SEED >= 0, got SEED={cfg.SEED}")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def _share_cpu_threads(cfg) -> None:
@@ -87,5 +259,5 @@ def _share_cpu_threads(cfg) -> None:
 def evaluate(cfg):
     """``--eval-only``: load ``MODEL.WEIGHTS`` and run the test sets through COCOEvaluator."""
     model = RetinaFocalTrainer.build_model(cfg)
-    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
     return RetinaFocalTrainer.test(cfg, model)

@@ -21,14 +21,28 @@ from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
+from detectron2.utils.logger import log_first_n
 from torch import Tensor, nn
 
+from .config import warn_ignored_settings
+from .data.checks import check_gt_instances
 from .head import build_retina_focal_head
 from .losses import BOX_REG_LOSS_TYPES, box_regression_loss, build_retina_focal_loss
+from .matching import build_anchor_matcher
 
 __all__ = ["RetinaFocal"]
 
 logger = logging.getLogger(__name__)
+
+
+def _drop_empty_boxes(instances: Instances) -> Instances:
+    """Remove boxes of zero width or height, as detectron2's DatasetMapper does (a box that
+    overlaps no anchor would make the matcher's low-quality rule mark every anchor foreground)."""
+    keep = instances.gt_boxes.nonempty()
+    if keep.all():
+        return instances
+    log_first_n(logging.WARNING, f"Dropped {int((~keep).sum())} ground-truth box(es) of zero area", n=5)
+    return instances[keep]
 
 
 @META_ARCH_REGISTRY.register()
@@ -115,6 +129,7 @@ class RetinaFocal(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        warn_ignored_settings(cfg)
         backbone = build_backbone(cfg)
         produced = backbone.output_shape()
         in_features = cfg.MODEL.RETINANET.IN_FEATURES
@@ -133,10 +148,10 @@ class RetinaFocal(nn.Module):
             "box2box_transform": Box2BoxTransform(weights=cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS),
             # §4: IoU >= 0.5 foreground, < 0.4 background, in between ignored; each
             # ground-truth box also keeps its best anchors (low-quality matches, as in RPN).
-            "anchor_matcher": Matcher(
+            "anchor_matcher": build_anchor_matcher(
                 cfg.MODEL.RETINANET.IOU_THRESHOLDS,
                 cfg.MODEL.RETINANET.IOU_LABELS,
-                allow_low_quality_matches=True,
+                every_gt=cfg.MODEL.RETINA_FOCAL.MATCH_EVERY_GT,
             ),
             "num_classes": cfg.MODEL.RETINANET.NUM_CLASSES,
             "cls_loss": build_retina_focal_loss(cfg),
@@ -166,23 +181,38 @@ class RetinaFocal(nn.Module):
             inference: list of {"instances": Instances} at the requested output size.
         """
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        features = [features[f] for f in self.head_in_features]
-        logits, deltas = self.head(features)
-        anchors = self.anchor_generator(features)
-        logits = [permute_to_N_HWA_K(x, self.num_classes) for x in logits]  # (N, HiWiA, K)
-        deltas = [permute_to_N_HWA_K(x, 4) for x in deltas]  # (N, HiWiA, 4)
+        anchors, logits, deltas = self.predict(images)
         if self.training:
-            if "instances" not in batched_inputs[0]:
-                raise ValueError("RetinaFocal is in training mode but the inputs have no 'instances'")
-            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-            gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+            gt_labels, gt_boxes = self.label_batch(batched_inputs, anchors)
             return self.losses(anchors, logits, deltas, gt_labels, gt_boxes)
         results = self.inference(anchors, logits, deltas, images.image_sizes)
         return [
             {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1]))}
             for r, x, size in zip(results, batched_inputs, images.image_sizes)
         ]
+
+    def predict(self, images: ImageList) -> Tuple[List[Boxes], List[Tensor], List[Tensor]]:
+        """Backbone, head and anchors.
+
+        Returns:
+            anchors (list[Boxes]): per level (HiWiA, 4).
+            logits, deltas (list[Tensor]): per level (N, HiWiA, K) and (N, HiWiA, 4).
+        """
+        features = self.backbone(images.tensor)
+        features = [features[f] for f in self.head_in_features]
+        logits, deltas = self.head(features)
+        anchors = self.anchor_generator(features)
+        logits = [permute_to_N_HWA_K(x, self.num_classes) for x in logits]  # (N, HiWiA, K)
+        deltas = [permute_to_N_HWA_K(x, 4) for x in deltas]  # (N, HiWiA, 4)
+        return anchors, logits, deltas
+
+    def label_batch(self, batched_inputs: List[Dict], anchors: List[Boxes]) -> Tuple[Tensor, Tensor]:
+        """Check the batch's ground truth and label the anchors (:meth:`label_anchors`)."""
+        if "instances" not in batched_inputs[0]:
+            raise ValueError("RetinaFocal is in training mode but the inputs have no 'instances'")
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        check_gt_instances(gt_instances, self.num_classes, batched_inputs)
+        return self.label_anchors(anchors, [_drop_empty_boxes(x) for x in gt_instances])
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         """Normalize, pad to the backbone's size divisibility and batch the images."""
@@ -239,22 +269,51 @@ class RetinaFocal(nn.Module):
             logits, deltas (list[Tensor]): per level (N, HiWiA, K) and (N, HiWiA, 4).
             gt_labels, gt_boxes: from :meth:`label_anchors`, (N, R) and (N, R, 4).
         """
-        fg_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)  # (N, R)
-        num_fg = fg_mask.sum().item()
+        num_fg = self.foreground_mask(gt_labels).sum().item()
         get_event_storage().put_scalar("num_pos_anchors", num_fg / gt_labels.shape[0])
         normalizer = self._update_loss_normalizer(num_fg)
-        anchors = Boxes.cat(anchors).tensor  # (R, 4)
-        loss_cls = self.cls_loss(cat(logits, dim=1), gt_labels, normalizer, anchors=anchors)
+        return self.loss_terms(Boxes.cat(anchors).tensor, cat(logits, dim=1), cat(deltas, dim=1), gt_labels, gt_boxes, normalizer)
+
+    def foreground_mask(self, gt_labels: Tensor) -> Tensor:
+        return (gt_labels >= 0) & (gt_labels != self.num_classes)
+
+    def loss_terms(
+        self, anchors: Tensor, logits: Tensor, deltas: Tensor, gt_labels: Tensor, gt_boxes: Tensor, normalizer: float
+    ) -> Dict[str, Tensor]:
+        """Both losses for R anchors, divided by ``normalizer``.
+
+        Args:
+            anchors (Tensor): (R, 4); logits (Tensor): (N, R, K); deltas (Tensor): (N, R, 4);
+            gt_labels (Tensor): (N, R); gt_boxes (Tensor): (N, R, 4).
+        """
+        loss_cls = self.cls_loss(logits, gt_labels, normalizer, anchors=anchors)
         loss_box_reg = box_regression_loss(
             anchors,
-            cat(deltas, dim=1),
+            deltas,
             gt_boxes,
-            fg_mask,
+            self.foreground_mask(gt_labels),
             self.box2box_transform,
             self.box_reg_loss_type,
             self.smooth_l1_beta,
         )
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg / normalizer}
+
+    @torch.no_grad()
+    def loss_per_level(self, batched_inputs: List[Dict]) -> Dict[str, Dict[str, float]]:
+        """Diagnostics: each loss term on each level's anchors alone, with the current
+        normalizer; no state changes. Returns ``{term: {level name: value}}``."""
+        images = self.preprocess_image(batched_inputs)
+        anchors, logits, deltas = self.predict(images)
+        gt_labels, gt_boxes = self.label_batch(batched_inputs, anchors)
+        per_level: Dict[str, Dict[str, float]] = {}
+        start = 0
+        for name, a, lg, dl in zip(self.head_in_features, anchors, logits, deltas):
+            end = start + len(a)
+            terms = self.loss_terms(a.tensor, lg, dl, gt_labels[:, start:end], gt_boxes[:, start:end], self.loss_normalizer)
+            for term, value in terms.items():
+                per_level.setdefault(term, {})[name] = value.item()
+            start = end
+        return per_level
 
     def _update_loss_normalizer(self, num_fg: int) -> float:
         """EMA of max(#foreground, 1): §4.1's normalizer, smoothed for small batches."""

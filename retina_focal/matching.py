@@ -1,0 +1,138 @@
+"""Anchor matching (§4): the IoU rule, with an opt-in fix so that no ground-truth box is lost.
+
+§4 ("Anchors"): an anchor is foreground for the box it overlaps most if that IoU is ≥ 0.5,
+background below 0.4 and ignored in between. Detectron (the paper's code) and detectron2
+also keep, for each box, its highest-IoU anchors as foreground ("low-quality matches",
+the RPN rule of Faster R-CNN §3.1.2), so that small or oddly shaped boxes are trained on.
+
+That rule does not give every box an anchor. A low-quality anchor is labelled foreground
+but keeps its argmax-IoU box, which may be another one; a box whose best anchors all
+overlap a neighbour more gets none and is never trained on. For example, with two
+identical boxes every anchor goes to the first (the argmax takes the first of a tie), and
+a 10 px box centred in a 100 px box loses its best anchor, a 32 px square (IoU 100/1024),
+to the big box (IoU 1024/10000). :class:`EveryGTMatcher` repairs this after detectron2's
+matching; :func:`build_anchor_matcher` picks one of the two rules.
+"""
+from typing import List, Sequence, Tuple
+
+import torch
+from detectron2.modeling.matcher import Matcher
+from torch import Tensor
+
+__all__ = ["EveryGTMatcher", "build_anchor_matcher", "foreground_counts"]
+
+
+def foreground_counts(matches: Tensor, match_labels: Tensor, num_gt: int) -> Tensor:
+    """Number of foreground anchors matched to each ground-truth box.
+
+    Args:
+        matches (Tensor): (R,) int64, matched box index in [0, G) of every anchor.
+        match_labels (Tensor): (R,) in {-1, 0, 1}; 1 = foreground.
+        num_gt (int): G.
+
+    Returns:
+        Tensor: (G,) int64 counts.
+    """
+    return torch.bincount(matches[match_labels == 1], minlength=num_gt)  # (G,)
+
+
+class EveryGTMatcher(Matcher):
+    """detectron2's :class:`Matcher` plus a repair step: every box with IoU > 0 to some
+    anchor gets at least one foreground anchor (an opt-in deviation from Detectron).
+
+    After detectron2's matching, each box g that overlaps some anchor (IoU > 0) but has no
+    foreground anchor takes its highest-IoU anchor among the anchors that are not the only
+    foreground anchor of another box: that anchor is matched to g and labelled 1. An anchor
+    taken from a box that has other foreground anchors leaves that box at least one.
+
+    Example: two identical boxes A, B. detectron2 gives all anchors to A (B gets none);
+    here B takes its best anchor if A has several foreground anchors (A keeps the rest),
+    or its second best anchor if A has only one.
+
+    Guarantee: a box gets a foreground anchor if one of its positive-IoU anchors is not the
+    only foreground anchor of another box; at most G - 1 anchors are, so any box with ≥ G
+    positive-IoU anchors (every box on a dense anchor grid) is covered. Where no box loses
+    out, the output equals detectron2's exactly. Only the (rare) boxes without foreground
+    anchors are looped over; the rest is vectorized.
+    """
+
+    def __init__(self, thresholds: List[float], labels: List[int], allow_low_quality_matches: bool = True):
+        """Same arguments as detectron2's :class:`Matcher`; low-quality matches are on by
+        default, as in detectron2's RetinaNet."""
+        super().__init__(thresholds, labels, allow_low_quality_matches=allow_low_quality_matches)
+
+    def __call__(self, match_quality_matrix: Tensor) -> Tuple[Tensor, Tensor]:
+        """
+        Args:
+            match_quality_matrix (Tensor): (G, R) IoU of G boxes with R anchors, all ≥ 0.
+
+        Returns:
+            matches (Tensor): (R,) int64, matched box index in [0, G) (0 when G = 0).
+            match_labels (Tensor): (R,) int8 in {-1 (ignore), 0 (background), 1 (foreground)}.
+        """
+        matches, match_labels = super().__call__(match_quality_matrix)  # (R,), (R,)
+        if match_quality_matrix.numel() == 0:  # no boxes (or no anchors): detectron2's answer
+            return matches, match_labels
+        self._give_every_gt_an_anchor_(match_quality_matrix, matches, match_labels)
+        return matches, match_labels
+
+    @staticmethod
+    def _give_every_gt_an_anchor_(iou: Tensor, matches: Tensor, match_labels: Tensor) -> None:
+        """In place: match each overlapping box without foreground anchors to its best free anchor.
+
+        Args:
+            iou (Tensor): (G, R).
+            matches (Tensor): (R,) int64, modified in place.
+            match_labels (Tensor): (R,) int8, modified in place.
+        """
+        counts = foreground_counts(matches, match_labels, iou.shape[0])  # (G,)
+        lost = (counts == 0) & (iou.max(dim=1).values > 0)  # (G,)
+        for g in torch.nonzero(lost).flatten().tolist():  # rare: usually no iteration
+            # the only foreground anchor of another box must stay with it
+            sole = (match_labels == 1) & (counts[matches] == 1)  # (R,)
+            candidate_iou = iou[g].masked_fill(sole, 0.0)  # (R,)
+            best = int(candidate_iou.argmax())
+            if candidate_iou[best] <= 0:  # every overlapping anchor is another box's only one
+                continue
+            if match_labels[best] == 1:
+                counts[matches[best]] -= 1
+            matches[best] = g
+            match_labels[best] = 1
+            counts[g] = 1
+
+
+def _check_thresholds_and_labels(thresholds: Sequence[float], labels: Sequence[int]) -> None:
+    """Raise a ValueError naming the cfg key (detectron2's Matcher only asserts)."""
+    thresholds, labels = list(thresholds), list(labels)
+    if (
+        not thresholds
+        or not all(0.0 < t <= 1.0 for t in thresholds)
+        or any(low > high for low, high in zip(thresholds[:-1], thresholds[1:]))
+    ):
+        raise ValueError(
+            "MODEL.RETINANET.IOU_THRESHOLDS must be a non-empty list of IoUs in (0, 1] in "
+            f"non-decreasing order, e.g. [0.4, 0.5] (§4), got {thresholds}"
+        )
+    if len(labels) != len(thresholds) + 1 or not all(l in (-1, 0, 1) for l in labels):
+        raise ValueError(
+            f"MODEL.RETINANET.IOU_LABELS must give one label in {{-1, 0, 1}} to each of the "
+            f"{len(thresholds) + 1} IoU ranges of MODEL.RETINANET.IOU_THRESHOLDS = {thresholds}, "
+            f"e.g. [0, -1, 1] (§4), got {labels}"
+        )
+
+
+def build_anchor_matcher(thresholds: Sequence[float], labels: Sequence[int], every_gt: bool) -> Matcher:
+    """The §4 anchor matcher: detectron2's rule, or :class:`EveryGTMatcher` if ``every_gt``.
+
+    Args:
+        thresholds (list[float]): ``MODEL.RETINANET.IOU_THRESHOLDS``, e.g. [0.4, 0.5] (§4).
+        labels (list[int]): ``MODEL.RETINANET.IOU_LABELS``, e.g. [0, -1, 1]: background
+            below 0.4, ignored in [0.4, 0.5), foreground from 0.5.
+        every_gt (bool): repair detectron2's matching so no box is left without an anchor.
+
+    Returns:
+        Matcher: with low-quality matches on, as in Detectron and detectron2's RetinaNet.
+    """
+    _check_thresholds_and_labels(thresholds, labels)
+    matcher_cls = EveryGTMatcher if every_gt else Matcher
+    return matcher_cls(list(thresholds), list(labels), allow_low_quality_matches=True)

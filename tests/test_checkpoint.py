@@ -1,0 +1,111 @@
+"""Atomic checkpoint files, the classifier-size check and attribute checkpointables."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from retina_focal.checkpoint import AtomicFile, AttributeState, RetinaFocalCheckpointer
+from retina_focal.engine import RetinaFocalTrainer
+from tests.conftest import REPO, small_cfg
+
+
+def _model(*opts):
+    return RetinaFocalTrainer.build_model(small_cfg(*opts))
+
+
+def _tagged(save_dir):
+    with open(os.path.join(save_dir, "last_checkpoint")) as f:
+        return f.read()
+
+
+def test_atomic_file_appears_whole_or_not_at_all(tmp_path):
+    path = str(tmp_path / "f.txt")
+    with AtomicFile(path, "w") as f:
+        f.write("good")
+    with pytest.raises(RuntimeError):
+        with AtomicFile(path, "w") as f:
+            f.write("partial")
+            raise RuntimeError("crash while writing")
+    assert open(path).read() == "good"
+    assert os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_failed_save_keeps_the_previous_checkpoint_tagged_and_loadable(tmp_path, monkeypatch):
+    model = _model()
+    ckpt = RetinaFocalCheckpointer(model, str(tmp_path))
+    ckpt.save("model_0000009")
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    def save_half_then_crash(obj, f, *args, **kwargs):
+        f.write(b"\x80\x02 truncated pickle")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_half_then_crash)
+    with pytest.raises(OSError, match="No space"):
+        ckpt.save("model_0000019")
+    monkeypatch.undo()
+    assert _tagged(tmp_path) == "model_0000009.pth"
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000009.pth"]
+    fresh = _model()
+    RetinaFocalCheckpointer(fresh, str(tmp_path)).resume_or_load("", resume=True)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in good.items())
+
+
+KILL_MID_SAVE = r"""
+import os, signal, sys, torch
+sys.path.insert(0, {repo!r})
+from tests.test_checkpoint import _model
+from retina_focal.checkpoint import RetinaFocalCheckpointer
+ckpt = RetinaFocalCheckpointer(_model(), {out!r})
+ckpt.save("model_0000009")
+def killed_while_writing(obj, f, *a, **k):
+    f.write(b"half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = killed_while_writing
+ckpt.save("model_0000019")
+"""
+
+
+def test_kill_during_save_then_resume_from_the_previous_checkpoint(tmp_path):
+    out = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_SAVE.format(repo=REPO, out=out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert _tagged(out) == "model_0000009.pth"
+    assert not os.path.exists(os.path.join(out, "model_0000019.pth"))  # only a .partial file
+    model = _model()
+    ckpt = RetinaFocalCheckpointer(model, out)
+    assert ckpt.get_checkpoint_file() == os.path.join(out, "model_0000009.pth")
+    ckpt.resume_or_load("", resume=True)  # loads without error
+
+
+def test_classifier_for_another_number_of_classes_is_an_error_that_says_how(tmp_path):
+    source = _model("MODEL.RETINANET.NUM_CLASSES", 5)
+    RetinaFocalCheckpointer(source, str(tmp_path)).save("five_classes")
+    path = str(tmp_path / "five_classes.pth")
+    with pytest.raises(ValueError, match=r"5 classes, the model has 3.*REINIT_MISMATCHED_CLASSIFIER True"):
+        RetinaFocalCheckpointer(_model()).load(path)
+    target = _model()
+    new_classifier = target.head.cls_score.weight.clone()
+    RetinaFocalCheckpointer(target, reinit_mismatched_classifier=True).load(path)
+    assert torch.equal(target.head.cls_score.weight, new_classifier)
+    assert torch.equal(target.head.bbox_pred.weight, source.head.bbox_pred.weight)
+
+
+def test_attribute_state_round_trips_through_a_checkpoint(tmp_path):
+    model = _model()
+    ckpt = RetinaFocalCheckpointer(model, str(tmp_path))
+    ckpt.add_checkpointable("loss_normalizer", AttributeState(model, ["loss_normalizer"]))
+    model.loss_normalizer = 42.5
+    ckpt.save("model_final")
+    other = _model()
+    reader = RetinaFocalCheckpointer(other, str(tmp_path))
+    reader.add_checkpointable("loss_normalizer", AttributeState(other, ["loss_normalizer"]))
+    reader.resume_or_load("", resume=True)
+    assert other.loss_normalizer == 42.5
