@@ -15,6 +15,7 @@ from .losses import RETINA_FOCAL_LOSS_REGISTRY, FocalLoss, build_retina_focal_lo
 from .matching import EveryGTMatcher, build_anchor_matcher
 from .meta_arch import RetinaFocal
 from .checkpoint import RetinaFocalCheckpointer
+from .evaluation import RetinaFocalCOCOEvaluator
 from . import data  # noqa: F401  (retina_focal.data.register_shapes; train_net registers them)
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "build_anchor_matcher",
     "RetinaFocal",
     "RetinaFocalCheckpointer",
+    "RetinaFocalCOCOEvaluator",
 ]

@@ -18,12 +18,13 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.engine import defaults as d2_defaults
-from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AttributeState, RetinaFocalCheckpointer
 from .config import add_retina_focal_config
+from .evaluation import RetinaFocalCOCOEvaluator
 from .data import (
     ResumableTrainLoader,
     build_resumable_train_loader,
@@ -165,7 +166,9 @@ class RetinaFocalTrainer(DefaultTrainer):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         DatasetCatalog.get(dataset_name)  # datasets generated on first use must exist now
         check_num_classes(cfg.MODEL.RETINANET.NUM_CLASSES, [dataset_name])
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        return RetinaFocalCOCOEvaluator(
+            dataset_name, output_dir=output_folder, score_thresh=cfg.MODEL.RETINANET.SCORE_THRESH_TEST
+        )
 
 
 def non_finite_loss_report(model, data_loader, optimizer) -> Dict:
@@ -229,6 +232,7 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retina_focal")  # into log.txt
     _share_cpu_threads(cfg)
     _configure_determinism(cfg)
     return cfg

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -20,19 +21,35 @@ TINY = [
 ]
 
 
-def _run(args, timeout=300):
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG] + args,
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=dict(os.environ),
+def train(args, script="train_net.py", timeout=300, env=None):
+    """Run ``script`` (train_net.py or tests/fault_train.py) on CONFIG; return the process."""
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, script), "--config-file", CONFIG] + args,
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **(env or {})),
     )
+
+
+def _run(args, timeout=300, env=None):
+    proc = train(args, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
 
 def _losses(out_dir):
+    return [row["total_loss"] for row in losses_by_iteration(out_dir).values()]
+
+
+def losses_by_iteration(out_dir):
+    """{iteration: metrics row} from metrics.json; a resumed run's rows replace earlier ones."""
     with open(os.path.join(out_dir, "metrics.json")) as f:
         rows = [json.loads(line) for line in f]
-    return [r["total_loss"] for r in rows if "total_loss" in r]
+    return {r["iteration"]: r for r in rows if "total_loss" in r}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +74,40 @@ def test_eval_only_loads_weights_and_runs_coco_evaluator(trained, tmp_path):
     assert os.path.exists(os.path.join(str(tmp_path), "inference", "retina_focal_shapes_tiny_val", "coco_instances_results.json"))
 
 
-def test_two_cpu_processes_train_with_gloo(tmp_path):
-    log = _run(["--num-gpus", "2", "--dist-url", "auto", "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "3"] + TINY)
-    assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
-    assert os.path.exists(os.path.join(str(tmp_path), "log.txt.rank1"))  # a second rank ran
-    assert os.path.exists(os.path.join(str(tmp_path), "model_final.pth"))
-    assert len(_losses(str(tmp_path))) > 0
+ITERS_LOGGED = ["SOLVER.MAX_ITER", "3", "SOLVER.LOG_PERIOD", "1", "SEED", "3"]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("two_processes"))
+    log = _run(["--num-gpus", "2", "--dist-url", "auto", "OUTPUT_DIR", out] + TINY + ITERS_LOGGED)
+    return out, log
+
+
+def test_two_cpu_processes_train_with_gloo(two_processes):
+    out, log = two_processes
+    assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log  # distributed evaluation
+    assert os.path.exists(os.path.join(out, "log.txt.rank1"))  # a second rank ran
+    assert os.path.exists(os.path.join(out, "model_final.pth"))
+    assert sorted(losses_by_iteration(out)) == [0, 1, 2]  # SOLVER.LOG_PERIOD 1: every iteration
+
+
+def test_two_machines_on_localhost_give_the_same_losses_as_two_processes(two_processes, tmp_path):
+    url = f"tcp://127.0.0.1:{free_port()}"
+    machines = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, "--num-machines", "2",
+             "--machine-rank", str(rank), "--num-gpus", "1", "--dist-url", url, "OUTPUT_DIR", str(tmp_path / str(rank))]
+            + TINY + ITERS_LOGGED,
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),  # as each of the 2 processes above
+        )
+        for rank in (0, 1)
+    ]
+    logs = [m.communicate(timeout=300)[0] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    one_machine = losses_by_iteration(two_processes[0])
+    two_machines = losses_by_iteration(str(tmp_path / "0"))
+    for it in (0, 1, 2):
+        for term in ("loss_cls", "loss_box_reg"):
+            assert two_machines[it][term] == pytest.approx(one_machine[it][term], rel=1e-6, abs=0), (it, term)
