@@ -2,12 +2,16 @@
 reproducible, a rank that dies ends the job, a rank without annotations trains."""
 import math
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from tests.test_train_net import TINY, losses_by_iteration, train
+from tests.conftest import REPO
+from tests.test_train_net import CONFIG, TINY, losses_by_iteration, train
 
 RUN = TINY + ["DATASETS.TEST", "()", "SOLVER.MAX_ITER", "20", "SOLVER.CHECKPOINT_PERIOD", "10",
               "SOLVER.LOG_PERIOD", "1", "SEED", "3", "DETERMINISTIC", "True"]
@@ -74,3 +78,49 @@ def test_a_rank_whose_images_have_no_annotations_trains_to_the_end(tmp_path):
     assert sorted(rows) == [0, 1, 2, 3]
     assert all(math.isfinite(r[k]) for r in rows.values() for k in ("loss_cls", "loss_box_reg"))
     assert os.path.exists(os.path.join(out, "model_final.pth"))
+
+
+def _live_children(pid):
+    """Processes whose parent is ``pid`` and that are not zombies (Linux /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if int(ppid) == pid and state != "Z":
+            children.append(int(entry))
+    return children
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
+def test_killing_the_launcher_ends_its_worker_processes(tmp_path):
+    """A pre-empted launcher must not leave its workers training as orphans (PyTorch's spawn
+    sets a parent-death signal on Linux; this guards that the workers really end)."""
+    out = str(tmp_path)
+    launcher = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, "--num-gpus", "2",
+         "--dist-url", "auto", "OUTPUT_DIR", out] + RUN + ["SOLVER.MAX_ITER", "100000"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    workers = []
+    try:
+        deadline = time.monotonic() + 240
+        while not os.path.exists(os.path.join(out, "metrics.json")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        workers = _live_children(launcher.pid)
+        assert len(workers) >= 2 and launcher.poll() is None, "training did not start"
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 60
+        while any(os.path.exists(f"/proc/{w}") for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(os.path.exists(f"/proc/{w}") for w in workers), "workers outlived the launcher"
+    finally:
+        launcher.kill()
+        for w in workers:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
