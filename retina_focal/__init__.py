@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 from .config import add_retina_focal_config
 from .anchors import RetinaFocalAnchorGenerator
 from .backbone import build_retina_focal_resnet_fpn_backbone
-from .head import RETINA_FOCAL_HEAD_REGISTRY, RetinaFocalHead, build_retina_focal_head
+from .head import RETINA_FOCAL_HEAD_REGISTRY, RetinaFocalHead, RetinaFocalLightHead, build_retina_focal_head
 from .losses import RETINA_FOCAL_LOSS_REGISTRY, FocalLoss, build_retina_focal_loss, sigmoid_focal_loss
 from .matching import EveryGTMatcher, build_anchor_matcher
 from .meta_arch import RetinaFocal
@@ -24,6 +24,7 @@ __all__ = [
     "build_retina_focal_resnet_fpn_backbone",
     "RETINA_FOCAL_HEAD_REGISTRY",
     "RetinaFocalHead",
+    "RetinaFocalLightHead",
     "build_retina_focal_head",
     "RETINA_FOCAL_LOSS_REGISTRY",
     "FocalLoss",

@@ -37,6 +37,11 @@ def add_retina_focal_config(cfg: CN) -> CN:
     _C.MODEL.RETINA_FOCAL = CN()
     # Registry name of the head (retina_focal.RETINA_FOCAL_HEAD_REGISTRY).
     _C.MODEL.RETINA_FOCAL.HEAD_NAME = "RetinaFocalHead"
+    # RetinaFocalLightHead: towers of CHANNELS channels (a 1x1 conv maps C to it) and
+    # NUM_CONVS 3x3 convs each, instead of §4's C = 256 and 4.
+    _C.MODEL.RETINA_FOCAL.LIGHT_HEAD = CN()
+    _C.MODEL.RETINA_FOCAL.LIGHT_HEAD.CHANNELS = 128
+    _C.MODEL.RETINA_FOCAL.LIGHT_HEAD.NUM_CONVS = 2
     # Input of P6: "res5" = C5 as in the paper (§4, footnote 2), or "p5" = the FPN output
     # P5, as some later detectors (e.g. FCOS) do.
     _C.MODEL.RETINA_FOCAL.P6_FROM = "res5"
@@ -50,6 +55,17 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # its alpha/gamma from MODEL.RETINANET.FOCAL_LOSS_ALPHA/_GAMMA (Table 1b: 0.25, 2.0).
     _C.MODEL.RETINA_FOCAL.LOSS = CN()
     _C.MODEL.RETINA_FOCAL.LOSS.NAME = "FocalLoss"
+    # FocalLoss: per-class α (K values, for long-tailed data); [] = FOCAL_LOSS_ALPHA for all.
+    _C.MODEL.RETINA_FOCAL.LOSS.CLASS_ALPHA = []
+    # FocalLossStar (Appendix A): FL* = -log σ(γ·x_t + β) / γ with γ = FOCAL_LOSS_GAMMA;
+    # Table 3 / the paper's selected setting: γ = 2, β = 1 (33.8 AP vs FL's 34.0).
+    _C.MODEL.RETINA_FOCAL.LOSS.BETA = 1.0
+    # OHEMLoss (Table 1d): per image, CE-scored anchors, NMS at OHEM_NMS_THRESH over their
+    # boxes, the OHEM_BATCH_SIZE hardest survivors; OHEM_POSITIVE_FRACTION 0.25 = "OHEM
+    # 1:3" (SSD's ratio), < 0 = no ratio. Best in Table 1d: 128, 0.5, no ratio (32.8 AP).
+    _C.MODEL.RETINA_FOCAL.LOSS.OHEM_BATCH_SIZE = 128
+    _C.MODEL.RETINA_FOCAL.LOSS.OHEM_NMS_THRESH = 0.5
+    _C.MODEL.RETINA_FOCAL.LOSS.OHEM_POSITIVE_FRACTION = -1.0
 
     # Anchor labelling. False: detectron2's (and Detectron's) rule, under which a ground-truth
     # box can end up with no anchor when its best anchors overlap another box more. True:

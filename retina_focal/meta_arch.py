@@ -272,9 +272,11 @@ class RetinaFocal(nn.Module):
         num_fg = self.foreground_mask(gt_labels).sum().item()
         get_event_storage().put_scalar("num_pos_anchors", num_fg / gt_labels.shape[0])
         normalizer = self._update_loss_normalizer(num_fg)
-        return self.loss_terms(Boxes.cat(anchors).tensor, cat(logits, dim=1), cat(deltas, dim=1), gt_labels, gt_boxes, normalizer)
+        anchors = Boxes.cat(anchors).tensor  # (R, 4)
+        return self.loss_terms(anchors, cat(logits, dim=1), cat(deltas, dim=1), gt_labels, gt_boxes, normalizer)
 
     def foreground_mask(self, gt_labels: Tensor) -> Tensor:
+        """(N, R) bool: anchors labelled with a class (not background K, not ignored -1)."""
         return (gt_labels >= 0) & (gt_labels != self.num_classes)
 
     def loss_terms(

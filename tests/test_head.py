@@ -4,7 +4,7 @@ import pytest
 import torch
 from detectron2.layers import ShapeSpec
 
-from retina_focal import RETINA_FOCAL_HEAD_REGISTRY, RetinaFocalHead, build_retina_focal_head
+from retina_focal import RETINA_FOCAL_HEAD_REGISTRY, RetinaFocalHead, RetinaFocalLightHead, build_retina_focal_head
 from tests.conftest import small_cfg
 
 
@@ -71,3 +71,18 @@ def test_batch_norm_in_the_shared_head_is_rejected(norm):
 def test_prior_outside_open_unit_interval_is_rejected(prior):
     with pytest.raises(ValueError, match="PRIOR_PROB"):
         RetinaFocalHead(in_channels=8, num_anchors=1, num_classes=1, prior_prob=prior)
+
+
+def test_light_head_is_selected_by_config_and_is_cheaper():
+    shapes = [ShapeSpec(channels=64, stride=s) for s in (8, 16, 32, 64, 128)]
+    cfg = small_cfg("MODEL.RETINA_FOCAL.HEAD_NAME", "RetinaFocalLightHead",
+                    "MODEL.RETINA_FOCAL.LIGHT_HEAD.CHANNELS", 32, "MODEL.RETINA_FOCAL.LIGHT_HEAD.NUM_CONVS", 2)
+    light = build_retina_focal_head(cfg, shapes)
+    paper = build_retina_focal_head(small_cfg(), shapes)
+    assert isinstance(light, RetinaFocalLightHead)
+    logits, deltas = light([torch.zeros(2, 64, 8, 8), torch.zeros(2, 64, 4, 4)])
+    assert [x.shape for x in logits] == [(2, 27, 8, 8), (2, 27, 4, 4)]  # A = 9, K = 3
+    assert [x.shape for x in deltas] == [(2, 36, 8, 8), (2, 36, 4, 4)]
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(light) < count(paper) / 3
+    assert torch.allclose(torch.sigmoid(light.cls_score.bias), torch.tensor(0.01))
