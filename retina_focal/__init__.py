@@ -11,7 +11,14 @@ from .config import add_retina_focal_config
 from .anchors import RetinaFocalAnchorGenerator
 from .backbone import build_retina_focal_resnet_fpn_backbone
 from .head import RETINA_FOCAL_HEAD_REGISTRY, RetinaFocalHead, RetinaFocalLightHead, build_retina_focal_head
-from .losses import RETINA_FOCAL_LOSS_REGISTRY, FocalLoss, build_retina_focal_loss, sigmoid_focal_loss
+from .losses import (
+    RETINA_FOCAL_LOSS_REGISTRY,
+    FocalLoss,
+    FocalLossStar,
+    OHEMLoss,
+    build_retina_focal_loss,
+    sigmoid_focal_loss,
+)
 from .matching import EveryGTMatcher, build_anchor_matcher
 from .meta_arch import RetinaFocal
 from .checkpoint import RetinaFocalCheckpointer
@@ -28,6 +35,8 @@ __all__ = [
     "build_retina_focal_head",
     "RETINA_FOCAL_LOSS_REGISTRY",
     "FocalLoss",
+    "FocalLossStar",
+    "OHEMLoss",
     "build_retina_focal_loss",
     "sigmoid_focal_loss",
     "EveryGTMatcher",

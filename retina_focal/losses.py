@@ -1,16 +1,20 @@
-"""The focal loss (§3, eq. 5) and the registry of classification losses.
+"""The focal loss (§3, eq. 5), its variants and the registry of classification losses.
 
 A classification loss is chosen by ``MODEL.RETINA_FOCAL.LOSS.NAME`` and sees the whole
 batch at once: the logits of every anchor (N, R, K), the anchor labels produced by the
 matcher (N, R) and the loss normalizer. It returns one scalar, already normalized, so
 losses that select anchors (OHEM) or re-weight them fit the same interface.
+
+Registered: ``FocalLoss`` (§3.2, optionally with one α per class), ``FocalLossStar``
+(FL* of Appendix A) and ``OHEMLoss`` (the online hard example mining baseline of §5.1,
+Table 1d).
 """
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import ciou_loss, diou_loss
+from detectron2.layers import ciou_loss, diou_loss, nms
 from detectron2.modeling.box_regression import Box2BoxTransform
 from fvcore.nn import giou_loss, smooth_l1_loss
 from detectron2.utils.registry import Registry
@@ -22,9 +26,14 @@ from .utils import get_registered
 __all__ = [
     "RETINA_FOCAL_LOSS_REGISTRY",
     "FocalLoss",
+    "FocalLossStar",
+    "OHEMLoss",
+    "anchor_cross_entropy",
     "box_regression_loss",
     "build_retina_focal_loss",
+    "select_hard_examples",
     "sigmoid_focal_loss",
+    "sigmoid_focal_loss_star",
     "valid_logits_and_targets",
 ]
 
@@ -46,11 +55,50 @@ and returns the scalar loss, already normalized.
 
 _REDUCTIONS = ("none", "mean", "sum")
 
+# α: one float for all classes (< 0: no weighting), or one value in [0, 1] per class (K,)
+Alpha = Union[float, Tensor]
+
+
+def _signed_logits(inputs: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
+    """x_t = y·x with y = ±1 (Appendix A, eq. 6), and the targets, both in at least float32.
+
+    Half/bfloat16 inputs are computed in float32 (AMP-safe); float64 stays float64.
+    """
+    dtype = torch.promote_types(inputs.dtype, torch.float32)
+    targets = targets.to(dtype)
+    return inputs.to(dtype) * (2.0 * targets - 1.0), targets
+
+
+def _alpha_weighted(loss: Tensor, targets: Tensor, alpha: Alpha) -> Tensor:
+    """α_t·loss (eq. 3): α for the positives, 1 - α for the negatives.
+
+    ``alpha`` is a float (< 0: returned unweighted) or a tensor broadcastable over the
+    last dim, e.g. (K,) with one α per class column.
+    """
+    if isinstance(alpha, Tensor):
+        alpha = alpha.to(loss)
+    elif alpha < 0:
+        return loss
+    return loss * (alpha * targets + (1 - alpha) * (1 - targets))
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
 
 def sigmoid_focal_loss(
     inputs: Tensor,
     targets: Tensor,
-    alpha: float = 0.25,
+    alpha: Alpha = 0.25,
     gamma: float = 2.0,
     reduction: str = "none",
 ) -> Tensor:
@@ -67,33 +115,57 @@ def sigmoid_focal_loss(
         inputs (Tensor): logits of any shape; half/bfloat16 are computed in float32, float64
             stays float64.
         targets (Tensor): same shape, binary labels in {0, 1}.
-        alpha (float): weight α of the positives in [0, 1], negatives get 1 - α; < 0
-            disables the weighting.
+        alpha (float or Tensor): weight α of the positives in [0, 1], negatives get 1 - α;
+            a float < 0 disables the weighting. A tensor broadcastable over the last dim,
+            e.g. (K,), gives one α per class column (values in [0, 1]).
         gamma (float): focusing parameter γ ≥ 0; γ = 0 gives α-balanced CE (eq. 3).
         reduction (str): "none" | "mean" | "sum".
 
     Returns:
         Tensor: the loss with ``reduction`` applied, float32 (float64 for float64 inputs).
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _check_reduction(reduction)
     if gamma < 0:
         raise ValueError(f"focal loss gamma must be >= 0, got {gamma}")
-    dtype = torch.promote_types(inputs.dtype, torch.float32)  # AMP-safe: never in half
-    inputs = inputs.to(dtype)
-    targets = targets.to(dtype)
-    signs = 2.0 * targets - 1.0  # +1 for positives, -1 for negatives
-    x_t = inputs * signs  # log-odds of the true class
+    x_t, targets = _signed_logits(inputs, targets)
     loss = -F.logsigmoid(x_t)  # CE = -log(p_t)
     if gamma != 0:
         loss = loss * torch.exp(gamma * F.logsigmoid(-x_t))  # (1 - p_t)^γ
-    if alpha >= 0:
-        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))  # α_t
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+    return _reduce(_alpha_weighted(loss, targets, alpha), reduction)
+
+
+def sigmoid_focal_loss_star(
+    inputs: Tensor,
+    targets: Tensor,
+    alpha: Alpha = 0.25,
+    gamma: float = 2.0,
+    beta: float = 1.0,
+    reduction: str = "none",
+) -> Tensor:
+    """FL* = -α_t log(p_t*) / γ with p_t* = σ(γ x_t + β) (Appendix A, eqs. 6-8), elementwise.
+
+    -log σ(z) is evaluated as -logsigmoid(z) = softplus(-z), so loss and gradient
+    (dFL*/dx = y (p_t* - 1), eq. 11, times α_t) are finite for every finite logit.
+    γ = 1, β = 0 gives the cross entropy; γ = 2, β = 1 and γ = 4, β = 0 are the settings of
+    Fig. 5 and Table 3 (with α = .25, as in all Appendix A experiments).
+
+    Args:
+        inputs (Tensor): logits of any shape (half/bfloat16 computed in float32).
+        targets (Tensor): same shape, binary labels in {0, 1}.
+        alpha (float or Tensor): as in :func:`sigmoid_focal_loss`.
+        gamma (float): steepness γ > 0.
+        beta (float): shift β, any finite value.
+        reduction (str): "none" | "mean" | "sum".
+
+    Returns:
+        Tensor: the loss with ``reduction`` applied, float32 (float64 for float64 inputs).
+    """
+    _check_reduction(reduction)
+    if not gamma > 0:
+        raise ValueError(f"focal loss* gamma must be > 0, got {gamma}")
+    x_t, targets = _signed_logits(inputs, targets)
+    loss = -F.logsigmoid(gamma * x_t + beta) / gamma  # -log(p_t*) / γ
+    return _reduce(_alpha_weighted(loss, targets, alpha), reduction)
 
 
 def valid_logits_and_targets(logits: Tensor, gt_labels: Tensor) -> Tuple[Tensor, Tensor]:
@@ -113,14 +185,31 @@ def valid_logits_and_targets(logits: Tensor, gt_labels: Tensor) -> Tuple[Tensor,
     return logits[valid], targets.to(logits.dtype)
 
 
-def _check_alpha_gamma(alpha: float, gamma: float) -> None:
-    if not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"MODEL.RETINANET.FOCAL_LOSS_GAMMA must be >= 0, got {gamma}")
-    if not math.isfinite(alpha) or alpha > 1:
+def _check_alpha(alpha: Union[float, Tuple[float, ...]]) -> None:
+    if isinstance(alpha, tuple):
+        if not alpha or not all(0.0 <= a <= 1.0 for a in alpha):
+            raise ValueError(
+                f"MODEL.RETINA_FOCAL.LOSS.CLASS_ALPHA must hold one α in [0, 1] per class, got {list(alpha)}"
+            )
+    elif not math.isfinite(alpha) or alpha > 1:
         raise ValueError(
             "MODEL.RETINANET.FOCAL_LOSS_ALPHA must be in [0, 1], or negative to turn the "
             f"α weighting off, got {alpha}"
         )
+
+
+def _alpha_from_config(cfg) -> Union[float, Tuple[float, ...]]:
+    """``MODEL.RETINA_FOCAL.LOSS.CLASS_ALPHA`` when set (K values), else ``FOCAL_LOSS_ALPHA``."""
+    class_alpha = tuple(cfg.MODEL.RETINA_FOCAL.LOSS.CLASS_ALPHA)
+    if not class_alpha:
+        return cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA
+    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
+    if len(class_alpha) != num_classes:
+        raise ValueError(
+            f"MODEL.RETINA_FOCAL.LOSS.CLASS_ALPHA must have one value per class "
+            f"(MODEL.RETINANET.NUM_CLASSES = {num_classes}), got {len(class_alpha)}: {list(class_alpha)}"
+        )
+    return class_alpha
 
 
 @RETINA_FOCAL_LOSS_REGISTRY.register()
@@ -129,25 +218,29 @@ class FocalLoss(nn.Module):
 
     §4.1 ("Focal Loss"): applied to all ~100k anchors of each image, normalized by the
     number of anchors assigned to a ground-truth box. γ = 0 gives the α-balanced CE
-    baseline of Table 1a.
+    baseline of Table 1a. α may also be given per class (long-tailed data): a positive of
+    class k is weighted by α_k, a negative in class column k by 1 - α_k.
     """
 
     @configurable
-    def __init__(self, *, alpha: float = 0.25, gamma: float = 2.0):
+    def __init__(self, *, alpha: Union[float, Sequence[float]] = 0.25, gamma: float = 2.0):
         """
         Args:
-            alpha (float): α of eq. 5 in [0, 1] (< 0: off). 0.25 with γ = 2 is best in Table 1b.
+            alpha (float or sequence of K floats): α of eq. 5 in [0, 1] (a float < 0: off),
+                or one α per class. 0.25 with γ = 2 is best in Table 1b.
             gamma (float): γ ≥ 0 of eq. 4; 2 is best in Table 1b.
         """
         super().__init__()
-        _check_alpha_gamma(alpha, gamma)
-        self.alpha = alpha
+        self.alpha = float(alpha) if isinstance(alpha, (int, float)) else tuple(float(a) for a in alpha)
+        _check_alpha(self.alpha)
+        if not math.isfinite(gamma) or gamma < 0:
+            raise ValueError(f"MODEL.RETINANET.FOCAL_LOSS_GAMMA must be >= 0, got {gamma}")
         self.gamma = gamma
 
     @classmethod
     def from_config(cls, cfg):
         return {
-            "alpha": cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA,
+            "alpha": _alpha_from_config(cfg),
             "gamma": cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA,
         }
 
@@ -156,11 +249,286 @@ class FocalLoss(nn.Module):
     ) -> Tensor:
         """See ``RETINA_FOCAL_LOSS_REGISTRY`` for the arguments."""
         valid_logits, targets = valid_logits_and_targets(logits, gt_labels)  # (M, K) each
-        loss = sigmoid_focal_loss(valid_logits, targets, self.alpha, self.gamma, reduction="sum")
-        return loss / normalizer
+        return self.elementwise_loss(valid_logits, targets, reduction="sum") / normalizer
+
+    def elementwise_loss(self, logits: Tensor, targets: Tensor, reduction: str = "none") -> Tensor:
+        """The loss of (M, K) logits against (M, K) 0/1 targets, with ``reduction`` applied."""
+        return sigmoid_focal_loss(logits, targets, self._alpha_like(logits), self.gamma, reduction)
+
+    def _alpha_like(self, logits: Tensor) -> Alpha:
+        """The float α, or the per-class α as a (K,) tensor on ``logits``' device."""
+        if isinstance(self.alpha, tuple):
+            return torch.tensor(self.alpha, dtype=torch.float64, device=logits.device)
+        return self.alpha
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, gamma={self.gamma}"
+
+
+@RETINA_FOCAL_LOSS_REGISTRY.register()
+class FocalLossStar(FocalLoss):
+    """FL* of Appendix A, summed over all non-ignored anchors, divided by the normalizer.
+
+    FL* = -α_t log σ(γ x_t + β) / γ (eqs. 6-8): like FL it lowers the loss of
+    well-classified examples (x_t > 0, Fig. 5) and reaches nearly FL's AP (Table 3). γ is
+    ``MODEL.RETINANET.FOCAL_LOSS_GAMMA``, α as for :class:`FocalLoss` (Appendix A used
+    α = .25 throughout), β is ``MODEL.RETINA_FOCAL.LOSS.BETA``.
+    """
+
+    @configurable
+    def __init__(
+        self, *, alpha: Union[float, Sequence[float]] = 0.25, gamma: float = 2.0, beta: float = 1.0
+    ):
+        """
+        Args:
+            alpha: as for :class:`FocalLoss`.
+            gamma (float): steepness γ > 0 (FL* divides by γ).
+            beta (float): shift β, any finite value. γ = 2, β = 1 and γ = 4, β = 0 are
+                the settings of Fig. 5 / Table 3; γ = 1, β = 0 is the cross entropy.
+        """
+        if not math.isfinite(gamma) or gamma <= 0:
+            raise ValueError(
+                f"MODEL.RETINANET.FOCAL_LOSS_GAMMA must be > 0 for FocalLossStar (FL* divides by γ), got {gamma}"
+            )
+        if not math.isfinite(beta):
+            raise ValueError(f"MODEL.RETINA_FOCAL.LOSS.BETA must be finite, got {beta}")
+        super().__init__(alpha=alpha, gamma=gamma)
+        self.beta = beta
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {**super().from_config(cfg), "beta": cfg.MODEL.RETINA_FOCAL.LOSS.BETA}
+
+    def elementwise_loss(self, logits: Tensor, targets: Tensor, reduction: str = "none") -> Tensor:
+        return sigmoid_focal_loss_star(logits, targets, self._alpha_like(logits), self.gamma, self.beta, reduction)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, beta={self.beta}"
+
+
+def anchor_cross_entropy(logits: Tensor, gt_labels: Tensor) -> Tensor:
+    """Sigmoid CE of each anchor, summed over its K class columns (FL with γ = 0, no α).
+
+    With BCE(x, t) = softplus(x) - t·x: CE = Σ_k softplus(x_k) - x_label for a foreground
+    anchor, Σ_k softplus(x_k) for background. No one-hot (N, R, K) target is formed.
+
+    Args:
+        logits (Tensor): (..., K); half/bfloat16 computed in float32.
+        gt_labels (Tensor): (...) in {-1, 0..K-1, K}; ignored anchors (-1) are scored as
+            background, so mask them out.
+
+    Returns:
+        Tensor: (...), float32 (float64 for float64 logits).
+    """
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    num_classes = x.shape[-1]
+    label_logit = x.gather(-1, gt_labels.clamp(0, num_classes - 1).unsqueeze(-1)).squeeze(-1)  # (...)
+    foreground = (gt_labels >= 0) & (gt_labels < num_classes)
+    return F.softplus(x).sum(-1) - label_logit * foreground
+
+
+def _take_hardest(
+    survivors: Tensor, is_foreground: Tensor, batch_size: int, max_positives: Optional[int]
+) -> Tuple[Tensor, bool]:
+    """The ``batch_size`` first of ``survivors`` (hardest first), at most ``max_positives``
+    of them foreground (None: no limit), the rest background.
+
+    Returns:
+        (Tensor, bool): the chosen indices, and whether they are final: True once
+        ``survivors`` holds enough of each kind that harder-to-reach, easier survivors
+        could not replace any of them.
+    """
+    if max_positives is None:
+        return survivors[:batch_size], len(survivors) >= batch_size
+    positives, negatives = survivors[is_foreground], survivors[~is_foreground]
+    num_positives = min(len(positives), max_positives)
+    chosen = torch.cat([positives[:num_positives], negatives[: batch_size - num_positives]])
+    return chosen, len(positives) >= max_positives and len(negatives) >= batch_size - max_positives
+
+
+def _hardest_survivors(
+    scores: Tensor,
+    num_valid: int,
+    foreground: Tensor,
+    anchors: Tensor,
+    batch_size: int,
+    nms_thresh: float,
+    max_positives: Optional[int],
+    max_candidates: int,
+) -> Tensor:
+    """OHEM's choice in one image; see :func:`select_hard_examples`.
+
+    Greedy NMS visits boxes hardest first and a box's fate depends only on harder boxes,
+    so the survivors among the C hardest anchors are exactly the survivors of NMS over all
+    anchors down to the C-th loss. C therefore starts at 2·B and doubles until the choice
+    is final, or C reaches the valid anchors or ``max_candidates``. (torchvision's NMS over
+    all ~113k anchors of a 600x1000 image takes 7-60 s on a CPU; over 256-4096 candidates,
+    1-80 ms.)
+
+    Args:
+        scores (Tensor): (R,) anchor losses, -inf at ignored anchors.
+        num_valid (int): number of finite ``scores``; C never exceeds it, so ignored
+            anchors are never candidates.
+        foreground (Tensor): (R,) bool.
+
+    Returns:
+        Tensor: (S,) indices in [0, R), S ≤ ``batch_size``, hardest first per kind.
+    """
+    limit = num_valid if max_candidates <= 0 else min(num_valid, max_candidates)
+    num_candidates = min(2 * batch_size, limit)
+    while True:
+        top_losses, top_idx = scores.topk(num_candidates)  # (C,), hardest first
+        keep = nms(anchors[top_idx], top_losses.to(anchors.dtype), nms_thresh)  # hardest first
+        survivors = top_idx[keep]
+        chosen, final = _take_hardest(survivors, foreground[survivors], batch_size, max_positives)
+        if final or num_candidates == limit:
+            return chosen
+        num_candidates = min(2 * num_candidates, limit)
+
+
+def select_hard_examples(
+    losses: Tensor,
+    valid: Tensor,
+    foreground: Tensor,
+    anchors: Tensor,
+    *,
+    batch_size: int,
+    nms_thresh: float,
+    positive_fraction: float = -1.0,
+    max_candidates: int = 4096,
+) -> Tensor:
+    """Online hard example mining (OHEM [31], §5.1): the anchors each image trains on.
+
+    Per image: NMS over the boxes of the valid anchors with their loss as score (IoU >
+    ``nms_thresh`` suppressed), then the ``batch_size`` highest-loss survivors. With
+    ``positive_fraction`` f ≥ 0 ("OHEM 1:3", SSD [22]: f = 0.25) the ⌊f·B⌋ hardest
+    foreground survivors come first, so the minibatch has positives (§5.1), and the hardest
+    background survivors fill the rest; ⌊·⌋ as in detectron2's ``subsample_labels``, so
+    the positive share never exceeds f.
+
+    Args:
+        losses (Tensor): (N, R) loss of each anchor, the hardness score; no gradient needed.
+        valid (Tensor): (N, R) bool, non-ignored anchors; the others are never selected.
+        foreground (Tensor): (N, R) bool, anchors assigned to a ground-truth box.
+        anchors (Tensor): (R, 4) XYXY boxes, the same for every image.
+        batch_size (int): B ≥ 1, anchors per image.
+        nms_thresh (float): IoU threshold in [0, 1].
+        positive_fraction (float): f in [0, 1], or < 0 for no limit on the positives.
+        max_candidates (int): NMS sees at most this many highest-loss anchors per image
+            (0: all); the choice is exact whenever it lies among them.
+
+    Returns:
+        Tensor: (N, R) bool, at most B selected anchors per image.
+    """
+    max_positives = int(positive_fraction * batch_size) if positive_fraction >= 0 else None
+    scores = losses.masked_fill(~valid, -math.inf)  # (N, R)
+    selected = torch.zeros_like(valid)
+    for i, num_valid in enumerate(valid.sum(dim=1).tolist()):  # NMS is per image
+        chosen = _hardest_survivors(
+            scores[i], num_valid, foreground[i], anchors, batch_size, nms_thresh, max_positives, max_candidates
+        )
+        selected[i, chosen] = True
+    return selected
+
+
+def _check_ohem(batch_size: int, nms_thresh: float, positive_fraction: float, max_candidates: int) -> None:
+    key = "MODEL.RETINA_FOCAL.LOSS.OHEM_"
+    if batch_size < 1:
+        raise ValueError(f"{key}BATCH_SIZE must be >= 1, got {batch_size}")
+    if not 0.0 <= nms_thresh <= 1.0:
+        raise ValueError(f"{key}NMS_THRESH must be in [0, 1], got {nms_thresh}")
+    if not math.isfinite(positive_fraction) or positive_fraction > 1:
+        raise ValueError(f"{key}POSITIVE_FRACTION must be in [0, 1], or negative for no ratio, got {positive_fraction}")
+    if 0 < max_candidates < batch_size:
+        raise ValueError(
+            f"{key}MAX_CANDIDATES must be 0 (all) or >= {key}BATCH_SIZE = {batch_size}, got {max_candidates}"
+        )
+
+
+@RETINA_FOCAL_LOSS_REGISTRY.register()
+class OHEMLoss(nn.Module):
+    """Cross entropy on hard examples mined online: the OHEM baselines of §5.1, Table 1d.
+
+    Each non-ignored anchor is scored by its CE (:func:`anchor_cross_entropy`: sigmoid BCE
+    summed over the K classes, the focal loss with γ = 0 and no α), and
+    :func:`select_hard_examples` picks per image the B highest-loss survivors of NMS
+    (optionally at most ⌊f·B⌋ positives, "OHEM 1:3"). Selection runs without gradient;
+    only the selected anchors get one.
+
+    Normalization (the paper does not say): the CE summed over the selected anchors of the
+    batch, divided by their number, i.e. the mean over the minibatch as in OHEM [31] and
+    Fast R-CNN, whose loss averages over the sampled RoIs. The ``normalizer`` (foreground
+    anchors among all ~100k) is unused: the loss covers only the selected minibatch, which
+    in plain OHEM may hold few or no positives, and dividing by the image's foreground count
+    would tie the CE's scale to the number of objects instead of to the minibatch. The box
+    loss is unaffected (still divided by the foreground count).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        batch_size: int = 128,
+        nms_thresh: float = 0.5,
+        positive_fraction: float = -1.0,
+        max_candidates: int = 4096,
+    ):
+        """
+        Args:
+            batch_size (int): anchors per image, B; Table 1d: 128, 256, 512.
+            nms_thresh (float): NMS IoU threshold; Table 1d: 0.5, 0.7.
+            positive_fraction (float): at most this share of positives (0.25 = 1:3), < 0: no
+                limit. Best in Table 1d: B = 128, NMS 0.5, no limit (32.8 AP).
+            max_candidates (int): highest-loss anchors per image that NMS may see (0: all).
+        """
+        super().__init__()
+        _check_ohem(batch_size, nms_thresh, positive_fraction, max_candidates)
+        self.batch_size = batch_size
+        self.nms_thresh = nms_thresh
+        self.positive_fraction = positive_fraction
+        self.max_candidates = max_candidates
+
+    @classmethod
+    def from_config(cls, cfg):
+        loss_cfg = cfg.MODEL.RETINA_FOCAL.LOSS
+        return {
+            "batch_size": loss_cfg.OHEM_BATCH_SIZE,
+            "nms_thresh": loss_cfg.OHEM_NMS_THRESH,
+            "positive_fraction": loss_cfg.OHEM_POSITIVE_FRACTION,
+            "max_candidates": loss_cfg.OHEM_MAX_CANDIDATES,
+        }
+
+    def forward(
+        self, logits: Tensor, gt_labels: Tensor, normalizer: float, anchors: Optional[Tensor] = None
+    ) -> Tensor:
+        """See ``RETINA_FOCAL_LOSS_REGISTRY``; ``anchors`` is required, ``normalizer`` unused."""
+        if anchors is None:
+            raise ValueError("OHEMLoss needs the (R, 4) anchors for its NMS")
+        with torch.no_grad():
+            selected = self.select(logits, gt_labels, anchors)  # (N, R)
+        loss = anchor_cross_entropy(logits[selected], gt_labels[selected]).sum()
+        return loss / selected.sum().clamp(min=1)
+
+    def select(self, logits: Tensor, gt_labels: Tensor, anchors: Tensor) -> Tensor:
+        """(N, R) bool: the anchors the loss trains on (arguments as in ``forward``)."""
+        valid = gt_labels >= 0  # (N, R)
+        foreground = valid & (gt_labels < logits.shape[-1])
+        return select_hard_examples(
+            anchor_cross_entropy(logits, gt_labels),
+            valid,
+            foreground,
+            anchors,
+            batch_size=self.batch_size,
+            nms_thresh=self.nms_thresh,
+            positive_fraction=self.positive_fraction,
+            max_candidates=self.max_candidates,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"batch_size={self.batch_size}, nms_thresh={self.nms_thresh}, "
+            f"positive_fraction={self.positive_fraction}, max_candidates={self.max_candidates}"
+        )
 
 
 def build_retina_focal_loss(cfg) -> nn.Module:
