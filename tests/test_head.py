@@ -3,9 +3,11 @@ import math
 import pytest
 import torch
 from detectron2.layers import ShapeSpec
+from detectron2.utils.events import EventStorage
 
 from retina_focal import RETINA_FOCAL_HEAD_REGISTRY, RetinaFocalHead, RetinaFocalLightHead, build_retina_focal_head
-from tests.conftest import small_cfg
+from retina_focal.engine import RetinaFocalTrainer
+from tests.conftest import make_instances, small_cfg
 
 
 def test_paper_initialization():
@@ -86,3 +88,16 @@ def test_light_head_is_selected_by_config_and_is_cheaper():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(light) < count(paper) / 3
     assert torch.allclose(torch.sigmoid(light.cls_score.bias), torch.tensor(0.01))
+
+
+@pytest.mark.parametrize("head", ["RetinaFocalHead", "RetinaFocalLightHead"])
+@pytest.mark.parametrize("box_loss", ["smooth_l1", "giou", "diou", "ciou"])
+def test_every_head_trains_with_every_box_loss(head, box_loss):
+    cfg = small_cfg("MODEL.RETINA_FOCAL.HEAD_NAME", head, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", box_loss)
+    model = RetinaFocalTrainer.build_model(cfg)
+    batch = [{"image": torch.rand(3, 96, 128) * 255, "instances": make_instances([[10, 12, 60, 70]], [1], (96, 128))}]
+    with EventStorage():
+        losses = model(batch)
+    sum(losses.values()).backward()
+    assert all(math.isfinite(float(v.detach())) for v in losses.values()) and losses["loss_box_reg"] > 0
+    assert model.head.bbox_pred.weight.grad.abs().sum() > 0
