@@ -80,5 +80,6 @@ def test_sweep_runs_tabulates_beside_the_paper_and_skips_finished_runs(tmp_path,
     assert float(rows["table1a_ce_alpha_75.yaml"]["ours time_ms"]) > 0
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.startswith("Made by `python tools/sweep.py --configs") and "| paper AP |" in markdown
+    assert "paper APs" not in markdown  # Table 1e columns only where the paper has them
     sweep.main(args)
     assert capsys.readouterr().out.count("finished before, skipped") == 2

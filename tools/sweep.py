@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from typing import Dict, List, Optional
@@ -103,12 +104,15 @@ def load_paper_results() -> Dict[str, Dict[str, str]]:
 def write_tables(results: Dict[str, Dict[str, float]], out_dir: str, note: str) -> None:
     """results.csv and results.md: our metrics beside the paper's, one row per config."""
     paper = load_paper_results()
-    header = ["config", "table", "row"] + [f"ours {m}" for m in PAPER_COLUMNS] + [f"paper {m}" for m in PAPER_COLUMNS]
+    refs = {name: paper.get(name, {}) for name in results}
+    # the paper's columns that any of these rows has (APs/m/l and time: Table 1e only)
+    columns = [m for m in PAPER_COLUMNS if any(ref.get(m) for ref in refs.values())]
+    header = ["config", "table", "row"] + [f"ours {m}" for m in PAPER_COLUMNS] + [f"paper {m}" for m in columns]
     rows = []
     for name, ours in results.items():
-        ref = paper.get(name, {})
+        ref = refs[name]
         rows.append([name, ref.get("table", ""), ref.get("row", "")]
-                    + [f"{ours[m]:.1f}" for m in PAPER_COLUMNS] + [ref.get(m, "") for m in PAPER_COLUMNS])
+                    + [f"{ours[m]:.1f}" for m in PAPER_COLUMNS] + [ref.get(m, "") for m in columns])
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         csv.writer(f).writerows([header] + rows)
     lines = [note, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -133,7 +137,7 @@ def main(argv=None) -> None:
         name = os.path.basename(path)
         results[name] = run_one(path, os.path.join(args.output_dir, os.path.splitext(name)[0]), args.budget,
                                 args.opts, args.num_gpus)
-    command = " ".join(["python tools/sweep.py"] + (argv if argv is not None else sys.argv[1:]))
+    command = "python tools/sweep.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     write_tables(results, args.output_dir, f"Made by `{command}`.")
     print(f"[sweep] {len(results)} result(s) in {args.output_dir}/results.md")
 
