@@ -3,7 +3,8 @@
 ``import retina_focal`` registers, in detectron2's registries, the meta-architecture
 ``RetinaFocal``, the backbone builder ``build_retina_focal_resnet_fpn_backbone`` and the
 anchor generator ``RetinaFocalAnchorGenerator``; and, in the plugin's own registries, the
-head ``RetinaFocalHead`` and the loss ``FocalLoss``.
+heads ``RetinaFocalHead`` and ``RetinaFocalLightHead`` and the losses ``FocalLoss``,
+``FocalLossStar`` and ``OHEMLoss``.
 """
 __version__ = "0.1.0"
 
