@@ -7,7 +7,6 @@ or 4·A outputs (class-agnostic box deltas). The two towers do not share paramet
 import math
 from typing import List, Optional, Tuple
 
-import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling.anchor_generator import build_anchor_generator
