@@ -55,7 +55,7 @@ def free_port():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("train"))
-    log = _run(["--num-gpus", "1", "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "6"] + TINY)
+    log = _run(["--num-gpus", "1", "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "6", "SEED", "1"] + TINY)
     return out, log
 
 
@@ -70,7 +70,9 @@ def test_single_process_training_writes_checkpoint_and_evaluates(trained):
 def test_eval_only_loads_weights_and_runs_coco_evaluator(trained, tmp_path):
     out, _ = trained
     log = _run(["--eval-only", "OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", os.path.join(out, "model_final.pth")] + TINY)
-    assert "Evaluation results for bbox" in log
+    # after 6 iterations a model may detect nothing (then AP is NaN and RetinaFocalCOCOEvaluator
+    # says so); either way the evaluator ran and reported the COCO metrics
+    assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
     assert os.path.exists(os.path.join(str(tmp_path), "inference", "retina_focal_shapes_tiny_val", "coco_instances_results.json"))
 
 
