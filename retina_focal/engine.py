@@ -9,12 +9,12 @@ import math
 import os
 import weakref
 from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.engine import defaults as d2_defaults
@@ -33,7 +33,15 @@ from .data import (
     register_builtin_shapes,
 )
 
-__all__ = ["NonFiniteLossError", "RetinaFocalTrainer", "build_checkpointer", "create_ddp_model", "setup", "evaluate"]
+__all__ = [
+    "NonFiniteLossError",
+    "RetinaFocalTrainer",
+    "build_checkpointer",
+    "create_ddp_model",
+    "evaluate",
+    "load_config",
+    "setup",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -177,11 +185,10 @@ def non_finite_loss_report(model, data_loader, optimizer) -> Dict:
     The loss per level is recomputed on the step's batch (when the loader recorded it) in
     eval mode, so no collective op runs while other ranks may be gone.
     """
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])) if params else None
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     report = {
         "learning_rate": [group["lr"] for group in optimizer.param_groups],
-        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "grad_norm": float(torch.nn.utils.get_total_norm(grads)) if grads else None,
         "images": None,
         "loss_per_level": None,
     }
@@ -204,12 +211,11 @@ def _loss_per_level_in_eval_mode(model, batch: List[Dict]) -> Optional[Dict[str,
 
 
 def _non_finite_loss_message(report: Dict, path: str) -> str:
-    per_level = report["loss_per_level"] or {}
-    bad_terms = {
-        term: [level for level, v in levels.items() if not math.isfinite(v)] for term, levels in per_level.items()
+    bad_levels = {
+        term: [level for level, v in levels.items() if not math.isfinite(v)]
+        for term, levels in (report["loss_per_level"] or {}).items()
     }
-    bad_terms = {term: levels for term, levels in bad_terms.items() if levels}
-    terms = ", ".join(f"{t} (levels {', '.join(levels)})" for t, levels in bad_terms.items()) or "see the loss_dict above"
+    terms = ", ".join(f"{t} (levels {', '.join(ls)})" for t, ls in bad_levels.items() if ls) or "see the loss_dict above"
     checkpoint = report["last_checkpoint"]
     resume = (
         f"the last checkpoint is {checkpoint}: fix the cause (e.g. a lower SOLVER.BASE_LR, a longer "
@@ -223,13 +229,20 @@ def _non_finite_loss_message(report: Dict, path: str) -> str:
     )
 
 
-def setup(args):
-    """Build the frozen cfg from ``--config-file`` and trailing ``KEY VALUE`` overrides."""
+def load_config(config_file: str, opts: Sequence = ()) -> CfgNode:
+    """detectron2's defaults + ``MODEL.RETINA_FOCAL`` + ``config_file`` + ``KEY VALUE``
+    overrides, not frozen; registers the built-in shapes datasets that configs may name."""
     register_builtin_shapes()
     cfg = get_cfg()
     add_retina_focal_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def setup(args):
+    """Build the frozen cfg from ``--config-file`` and trailing ``KEY VALUE`` overrides."""
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retina_focal")  # into log.txt

@@ -35,14 +35,16 @@ __all__ = ["RetinaFocal"]
 logger = logging.getLogger(__name__)
 
 
-def _drop_empty_boxes(instances: Instances) -> Instances:
+def _drop_empty_boxes(gt_instances: List[Instances]) -> List[Instances]:
     """Remove boxes of zero width or height, as detectron2's DatasetMapper does (a box that
-    overlaps no anchor would make the matcher's low-quality rule mark every anchor foreground)."""
-    keep = instances.gt_boxes.nonempty()
-    if keep.all():
-        return instances
-    log_first_n(logging.WARNING, f"Dropped {int((~keep).sum())} ground-truth box(es) of zero area", n=5)
-    return instances[keep]
+    overlaps no anchor would make the matcher's low-quality rule mark every anchor foreground).
+    One device synchronization per batch."""
+    keeps = [x.gt_boxes.nonempty() for x in gt_instances]
+    num_dropped = int(sum((~keep).sum() for keep in keeps))
+    if num_dropped == 0:
+        return gt_instances
+    log_first_n(logging.WARNING, f"Dropped {num_dropped} ground-truth box(es) of zero area", n=5)
+    return [x[keep] for x, keep in zip(gt_instances, keeps)]
 
 
 @META_ARCH_REGISTRY.register()
@@ -212,7 +214,7 @@ class RetinaFocal(nn.Module):
             raise ValueError("RetinaFocal is in training mode but the inputs have no 'instances'")
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         check_gt_instances(gt_instances, self.num_classes, batched_inputs)
-        return self.label_anchors(anchors, [_drop_empty_boxes(x) for x in gt_instances])
+        return self.label_anchors(anchors, _drop_empty_boxes(gt_instances))
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         """Normalize, pad to the backbone's size divisibility and batch the images."""

@@ -2,10 +2,10 @@ import glob
 import os
 
 import pytest
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import retina_focal
+from retina_focal.engine import load_config
 from tests.conftest import REPO
 
 CONFIGS = sorted(
@@ -14,10 +14,7 @@ CONFIGS = sorted(
 
 
 def _load(path):
-    cfg = get_cfg()
-    retina_focal.add_retina_focal_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, path))
-    return cfg
+    return load_config(os.path.join(REPO, path))
 
 
 def test_configs_exist():

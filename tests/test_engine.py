@@ -5,34 +5,21 @@ import logging
 import os
 
 import pytest
-from detectron2.config import get_cfg
 from detectron2.utils.events import get_event_storage
 
-from retina_focal import add_retina_focal_config
-from retina_focal.data import register_builtin_shapes
-from retina_focal.engine import NonFiniteLossError, RetinaFocalTrainer
+from retina_focal.engine import NonFiniteLossError, RetinaFocalTrainer, load_config
 from tests.conftest import REPO
 
 DEMO = os.path.join(REPO, "configs", "Shapes-Detection", "retina_focal_R_18_FPN_demo.yaml")
 COCO_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "COCO-Detection", "*.yaml")))
 
 
-def _cfg(path, *opts):
-    cfg = get_cfg()
-    add_retina_focal_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(list(opts))
-    return cfg
-
-
 def test_non_finite_loss_names_iteration_term_levels_and_checkpoint(tmp_path):
-    register_builtin_shapes()
-    cfg = _cfg(
-        DEMO,
+    cfg = load_config(DEMO, [
         "OUTPUT_DIR", str(tmp_path),
         "DATASETS.TRAIN", ("retina_focal_shapes_tiny_train",), "DATASETS.TEST", (),
         "SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 2,
-    )
+    ])
     trainer = RetinaFocalTrainer(cfg)
     trainer.resume_or_load(resume=False)
     focal_loss = trainer.model.cls_loss.forward
@@ -61,7 +48,7 @@ def test_non_finite_loss_names_iteration_term_levels_and_checkpoint(tmp_path):
 @pytest.mark.parametrize("path", COCO_CONFIGS, ids=os.path.basename)
 @pytest.mark.parametrize("num_gpus", [1, 2, 8, 16])
 def test_fewer_gpus_scale_lr_batch_and_schedule_linearly(path, num_gpus, caplog):
-    cfg = _cfg(path)
+    cfg = load_config(path)
     assert cfg.SOLVER.REFERENCE_WORLD_SIZE == 8
     with caplog.at_level(logging.INFO):
         scaled = RetinaFocalTrainer.auto_scale_workers(cfg, num_gpus)
@@ -78,5 +65,5 @@ def test_fewer_gpus_scale_lr_batch_and_schedule_linearly(path, num_gpus, caplog)
 
 
 def test_demo_config_is_not_rescaled():
-    cfg = _cfg(DEMO)
+    cfg = load_config(DEMO)
     assert RetinaFocalTrainer.auto_scale_workers(cfg, 2).SOLVER.BASE_LR == cfg.SOLVER.BASE_LR

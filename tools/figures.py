@@ -37,16 +37,13 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import build_augmentation, convert_image_to_rgb  # noqa: E402
 from detectron2.structures import Boxes, pairwise_iou  # noqa: E402
 
-from retina_focal import add_retina_focal_config  # noqa: E402
 from retina_focal.checkpoint import RetinaFocalCheckpointer  # noqa: E402
-from retina_focal.data import register_builtin_shapes  # noqa: E402
-from retina_focal.engine import RetinaFocalTrainer  # noqa: E402
-from retina_focal.losses import sigmoid_focal_loss  # noqa: E402
+from retina_focal.engine import RetinaFocalTrainer, load_config  # noqa: E402
+from retina_focal.losses import sigmoid_focal_loss, sigmoid_focal_loss_star  # noqa: E402
 
 PAPER_GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)  # the γ of Figures 1 and 4
 BATCH_SIZE = 8  # images per forward pass in fig4
@@ -71,8 +68,8 @@ def focal_loss_of_pt(p_t: np.ndarray, gamma: float) -> np.ndarray:
 
 
 def focal_loss_star(x_t: Tensor, gamma: float, beta: float) -> Tensor:
-    """FL* = -log σ(γ·x_t + β) / γ (Appendix A, eqs. 7 and 8); γ = 1, β = 0 is CE."""
-    return -F.logsigmoid(gamma * x_t + beta) / gamma
+    """FL* = -log σ(γ·x_t + β) / γ (Appendix A, eqs. 7 and 8) without α; γ = 1, β = 0 is CE."""
+    return sigmoid_focal_loss_star(x_t, torch.ones_like(x_t), alpha=-1, gamma=gamma, beta=beta)
 
 
 def figure5_curves(x_t: np.ndarray) -> Dict[str, np.ndarray]:
@@ -129,11 +126,7 @@ def plot_figure5(output: str) -> str:
 
 def load_cfg(config_file: str, opts: Sequence[str] = ()):
     """The frozen cfg, built as train_net.py builds it (builtin shapes datasets registered)."""
-    register_builtin_shapes()
-    cfg = get_cfg()
-    add_retina_focal_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = load_config(config_file, opts)
     cfg.freeze()
     return cfg
 

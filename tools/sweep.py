@@ -30,9 +30,9 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from detectron2.config import CfgNode, get_cfg  # noqa: E402
+from detectron2.config import CfgNode  # noqa: E402
 
-from retina_focal import add_retina_focal_config  # noqa: E402
+from retina_focal.engine import load_config  # noqa: E402
 
 PAPER_RESULTS = os.path.join(REPO, "configs", "Ablations", "paper_results.csv")
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -50,9 +50,7 @@ def own_keys(path: str) -> CfgNode:
 
 def sweep_config(path: str, budget: Optional[str] = None, opts: List[str] = ()) -> CfgNode:
     """``path``'s config with ``budget`` merged over it, ``path``'s own keys again, then ``opts``."""
-    cfg = get_cfg()
-    add_retina_focal_config(cfg)
-    cfg.merge_from_file(path)
+    cfg = load_config(path)
     if budget:
         cfg.merge_from_file(budget)
         cfg.merge_from_other_cfg(own_keys(path))
