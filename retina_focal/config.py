@@ -76,6 +76,11 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # box can end up with no anchor when its best anchors overlap another box more. True:
     # such boxes then take their best free anchor (retina_focal.matching.EveryGTMatcher).
     _C.MODEL.RETINA_FOCAL.MATCH_EVERY_GT = False
+    # Inference (§4.1 keeps MODEL.RETINANET.SCORE_THRESH_TEST for every class and NMS per
+    # class). CLASS_SCORE_THRESH: one threshold per class (K values) instead; [] = off.
+    _C.MODEL.RETINA_FOCAL.CLASS_SCORE_THRESH = []
+    # True: one NMS over all classes (a box suppresses overlapping boxes of any class).
+    _C.MODEL.RETINA_FOCAL.CLASS_AGNOSTIC_NMS = False
     # Loading a checkpoint whose classifier has another number of classes is an error; True
     # loads every other weight and keeps the new classifier (fine-tuning on a new dataset).
     _C.MODEL.RETINA_FOCAL.REINIT_MISMATCHED_CLASSIFIER = False
