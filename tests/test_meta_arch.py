@@ -6,16 +6,12 @@ from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
 from retina_focal import RetinaFocal
+from retina_focal.testing import build_detectron2_twin, make_detections_nontrivial, random_images
 from tests.conftest import make_instances, small_cfg
 
 
-def _images(sizes, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.rand(3, h, w, generator=g) * 255 for h, w in sizes]
-
-
 def _train_inputs():
-    images = _images([(128, 128), (128, 128)])
+    images = random_images([(128, 128), (128, 128)])
     gts = [
         make_instances([[10, 12, 60, 70], [70, 20, 120, 50], [30, 80, 50, 100]], [0, 2, 1]),
         make_instances([[5, 5, 120, 110]], [1]),
@@ -43,7 +39,7 @@ def test_low_quality_match_keeps_every_box_one_anchor():
 
 def test_image_without_objects_is_all_background_and_trains():
     model = build_model(small_cfg())
-    inputs = [{"image": _images([(96, 128)])[0], "instances": make_instances([], [], (96, 128))}]
+    inputs = [{"image": random_images([(96, 128)])[0], "instances": make_instances([], [], (96, 128))}]
     with EventStorage():
         losses = model(inputs)
     assert torch.isfinite(losses["loss_cls"]) and losses["loss_cls"] > 0
@@ -76,7 +72,7 @@ def test_loss_falls_on_a_fixed_batch():
 def test_inference_limits_and_output_size():
     # prior 0.5: every anchor starts far above the 0.05 threshold, so the caps bind
     model = build_model(small_cfg("MODEL.RETINANET.PRIOR_PROB", 0.5)).eval()
-    inputs = [{"image": im, "height": 300, "width": 150} for im in _images([(128, 64), (96, 96)])]
+    inputs = [{"image": im, "height": 300, "width": 150} for im in random_images([(128, 64), (96, 96)])]
     with torch.no_grad():
         outputs = model(inputs)
     for out, expected_size in zip(outputs, [(300, 150), (300, 150)]):
@@ -89,33 +85,14 @@ def test_inference_limits_and_output_size():
         assert (b[:, 0] >= 0).all() and (b[:, 2] <= 150).all() and (b[:, 3] <= 300).all()
 
 
-def _detectron2_twin(cfg):
-    d2 = cfg.clone()
-    d2.MODEL.META_ARCHITECTURE = "RetinaNet"
-    d2.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
-    d2.MODEL.ANCHOR_GENERATOR.NAME = "DefaultAnchorGenerator"
-    return build_model(d2)
-
-
-def _make_detections_nontrivial(model, inputs):
-    """The §4.1 init gives p ~ 0.01 everywhere (no detections): rescale the two output convs
-    so logits have std ~2 around sigmoid^-1(0.1) and deltas std ~0.2 on these inputs."""
-    with torch.no_grad():
-        features = model.backbone(model.preprocess_image(inputs).tensor)
-        logits, deltas = model.head([features[f] for f in model.head_in_features])
-        for conv, outs, std in ((model.head.cls_score, logits, 2.0), (model.head.bbox_pred, deltas, 0.2)):
-            conv.weight.normal_(0, 1).mul_(std / torch.cat([o.flatten() for o in outs]).std())
-        model.head.cls_score.bias.fill_(-2.2)
-
-
 def parity_figures(cfg, tmp_path):
     """Save a detectron2 RetinaNet checkpoint, load it into RetinaFocal, compare detections."""
     inputs = [
         {"image": im, "height": h, "width": w}
-        for im, (h, w) in zip(_images([(256, 320), (192, 256)], seed=3), [(512, 640), (192, 256)])
+        for im, (h, w) in zip(random_images([(256, 320), (192, 256)], seed=3), [(512, 640), (192, 256)])
     ]
-    theirs = _detectron2_twin(cfg).eval()
-    _make_detections_nontrivial(theirs, inputs)
+    theirs = build_detectron2_twin(cfg).eval()
+    make_detections_nontrivial(theirs, inputs)
     DetectionCheckpointer(theirs, save_dir=str(tmp_path)).save("d2_retinanet")
     path = str(tmp_path / "d2_retinanet.pth")
 
@@ -153,10 +130,10 @@ def test_detectron2_checkpoint_gives_the_same_detections(depth, channels, tmp_pa
 def test_training_losses_equal_detectron2_on_the_same_batch():
     """Same weights, same batch (one image without objects): same loss_cls and loss_box_reg."""
     cfg = small_cfg("MODEL.PIXEL_STD", [57.375, 57.12, 58.395])
-    theirs = _detectron2_twin(cfg)
+    theirs = build_detectron2_twin(cfg)
     ours = build_model(cfg)
     ours.load_state_dict(theirs.state_dict(), strict=True)
-    inputs = _train_inputs() + [{"image": _images([(128, 128)], seed=5)[0], "instances": make_instances([], [])}]
+    inputs = _train_inputs() + [{"image": random_images([(128, 128)], seed=5)[0], "instances": make_instances([], [])}]
     with EventStorage():
         for _ in range(2):  # twice: the running normalizer must evolve the same way
             a, b = ours(inputs), theirs(inputs)
