@@ -9,11 +9,11 @@ preprocess → backbone (ResNet-FPN, P3–P7) → anchors → head (class + box 
   top-scoring candidates decoded; levels merged; class-wise NMS at 0.5; top 100 kept.
 """
 import logging
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec, batched_nms, cat, move_device_like
+from detectron2.layers import ShapeSpec, batched_nms, cat, move_device_like, nms
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
 from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.box_regression import Box2BoxTransform
@@ -47,6 +47,22 @@ def _drop_empty_boxes(gt_instances: List[Instances]) -> List[Instances]:
     return [x[keep] for x, keep in zip(gt_instances, keeps)]
 
 
+def _check_score_thresholds(thresh: Union[float, Sequence[float]], num_classes: int) -> Union[float, Tuple[float, ...]]:
+    """The score threshold(s) of inference: a float, or one per class (config errors name the key)."""
+    if isinstance(thresh, (int, float)):
+        values, key = (float(thresh),), "MODEL.RETINANET.SCORE_THRESH_TEST"
+    else:
+        values, key = tuple(float(t) for t in thresh), "MODEL.RETINA_FOCAL.CLASS_SCORE_THRESH"
+        if len(values) != num_classes:
+            raise ValueError(
+                f"{key} must have one threshold per class (MODEL.RETINANET.NUM_CLASSES = {num_classes}), "
+                f"got {len(values)}: {list(values)}"
+            )
+    if not all(0.0 <= t < 1.0 for t in values):
+        raise ValueError(f"{key} must be in [0, 1), got {thresh}")
+    return values[0] if key.endswith("SCORE_THRESH_TEST") else values
+
+
 @META_ARCH_REGISTRY.register()
 class RetinaFocal(nn.Module):
     """RetinaNet with a swappable head and classification loss.
@@ -73,10 +89,11 @@ class RetinaFocal(nn.Module):
         box_reg_loss_type: str = "smooth_l1",
         smooth_l1_beta: float = 0.1,
         loss_normalizer_momentum: float = 0.9,
-        test_score_thresh: float = 0.05,
+        test_score_thresh: Union[float, Sequence[float]] = 0.05,
         test_topk_candidates: int = 1000,
         test_nms_thresh: float = 0.5,
         max_detections_per_image: int = 100,
+        class_agnostic_nms: bool = False,
         pixel_mean: Tuple[float, ...],
         pixel_std: Tuple[float, ...],
     ):
@@ -93,10 +110,12 @@ class RetinaFocal(nn.Module):
             box_reg_loss_type (str): "smooth_l1" | "giou" | "diou" | "ciou".
             smooth_l1_beta (float): β of smooth-L1 (0 = L1).
             loss_normalizer_momentum (float): EMA momentum of the foreground count in [0, 1).
-            test_score_thresh (float): drop candidates scoring ≤ this (0.05, §4.1).
+            test_score_thresh (float or K floats): drop candidates scoring ≤ this (0.05,
+                §4.1), or one threshold per class.
             test_topk_candidates (int): candidates kept per level before NMS (1000, §4.1).
             test_nms_thresh (float): class-wise NMS IoU threshold (0.5, §4.1).
             max_detections_per_image (int): detections kept per image (100, COCO).
+            class_agnostic_nms (bool): one NMS over all classes instead of one per class.
             pixel_mean, pixel_std: per-channel input normalization.
         """
         super().__init__()
@@ -122,10 +141,11 @@ class RetinaFocal(nn.Module):
         self.loss_normalizer_momentum = loss_normalizer_momentum
         # Running number of foreground anchors per batch; 100 is detectron2's start value.
         self.loss_normalizer = 100.0
-        self.test_score_thresh = test_score_thresh
+        self.test_score_thresh = _check_score_thresholds(test_score_thresh, num_classes)
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh
         self.max_detections_per_image = max_detections_per_image
+        self.class_agnostic_nms = class_agnostic_nms
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -160,10 +180,11 @@ class RetinaFocal(nn.Module):
             "box_reg_loss_type": cfg.MODEL.RETINANET.BBOX_REG_LOSS_TYPE,
             "smooth_l1_beta": cfg.MODEL.RETINANET.SMOOTH_L1_LOSS_BETA,
             "loss_normalizer_momentum": cfg.MODEL.RETINA_FOCAL.LOSS_NORMALIZER_MOMENTUM,
-            "test_score_thresh": cfg.MODEL.RETINANET.SCORE_THRESH_TEST,
+            "test_score_thresh": cfg.MODEL.RETINA_FOCAL.CLASS_SCORE_THRESH or cfg.MODEL.RETINANET.SCORE_THRESH_TEST,
             "test_topk_candidates": cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST,
             "test_nms_thresh": cfg.MODEL.RETINANET.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "class_agnostic_nms": cfg.MODEL.RETINA_FOCAL.CLASS_AGNOSTIC_NMS,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
@@ -335,40 +356,66 @@ class RetinaFocal(nn.Module):
     ) -> List[Instances]:
         """§4.1 "Inference" for each image; boxes are in the (resized) input frame.
 
+        Scores are thresholded and ranked as logits (σ is monotonic), so the sigmoid is only
+        computed for the detections that are returned.
+
         Args:
             anchors (list[Boxes]): per level (HiWiA, 4).
             logits, deltas (list[Tensor]): per level (N, HiWiA, K) and (N, HiWiA, 4).
             image_sizes (list[(int, int)]): (h, w) of each image before padding.
         """
+        logit_thresh = torch.logit(torch.as_tensor(self.test_score_thresh, dtype=logits[0].dtype, device=self.device))
         results = []
         for i, image_size in enumerate(image_sizes):
             candidates = [
-                self._decode_level(a.tensor, lg[i], dl[i]) for a, lg, dl in zip(anchors, logits, deltas)
+                self._decode_level(a.tensor, lg[i], dl[i], logit_thresh) for a, lg, dl in zip(anchors, logits, deltas)
             ]
             boxes, scores, classes = (cat(parts) for parts in zip(*candidates))
-            keep = batched_nms(boxes, scores, classes, self.test_nms_thresh)  # class-wise NMS
-            keep = keep[: self.max_detections_per_image]
+            keep = self._first_kept_by_nms(boxes, scores, classes)
             results.append(
-                Instances(image_size, pred_boxes=Boxes(boxes[keep]), scores=scores[keep], pred_classes=classes[keep])
+                Instances(
+                    image_size, pred_boxes=Boxes(boxes[keep]), scores=scores[keep].sigmoid(), pred_classes=classes[keep]
+                )
             )
         return results
 
-    def _decode_level(self, anchors: Tensor, logits: Tensor, deltas: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def _decode_level(
+        self, anchors: Tensor, logits: Tensor, deltas: Tensor, logit_thresh: Tensor
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         """Threshold, keep the top-k (anchor, class) pairs of one level, decode their boxes.
 
         Args:
-            anchors (Tensor): (HWA, 4); logits (Tensor): (HWA, K); deltas (Tensor): (HWA, 4).
+            anchors (Tensor): (HWA, 4); logits (Tensor): (HWA, K); deltas (Tensor): (HWA, 4);
+            logit_thresh (Tensor): () or (K,), σ^-1 of the score threshold(s).
 
         Returns:
-            boxes (M, 4), scores (M,), classes (M,) with M ≤ test_topk_candidates.
+            boxes (M, 4), logits (M,), classes (M,) with M ≤ test_topk_candidates.
         """
-        scores = logits.sigmoid().flatten()  # (HWA*K,)
-        keep = torch.nonzero(scores > self.test_score_thresh).squeeze(1)  # thresholding first: cheaper top-k
-        scores = scores[keep]
-        num_topk = min(self.test_topk_candidates, keep.numel())
-        scores, order = scores.topk(num_topk)
-        keep = keep[order]
-        anchor_idxs = keep // self.num_classes
-        classes = keep % self.num_classes
+        anchor_idxs, classes = torch.nonzero(logits > logit_thresh, as_tuple=True)  # thresholding first: cheaper top-k
+        scores = logits[anchor_idxs, classes]
+        if len(scores) > self.test_topk_candidates:
+            scores, order = scores.topk(self.test_topk_candidates)
+            anchor_idxs, classes = anchor_idxs[order], classes[order]
         boxes = self.box2box_transform.apply_deltas(deltas[anchor_idxs], anchors[anchor_idxs])
         return boxes, scores, classes
+
+    def _first_kept_by_nms(self, boxes: Tensor, scores: Tensor, classes: Tensor) -> Tensor:
+        """Indices of the ``max_detections_per_image`` best boxes that survive NMS (class-wise
+        at ``test_nms_thresh``, or over all classes), best first.
+
+        Exact and cheaper than NMS over all candidates: greedy NMS decides a box from the
+        better boxes only, so NMS over the C best candidates keeps the same first boxes as
+        NMS over all of them; C starts at 4x the detections wanted and doubles until enough
+        survive or every candidate is in.
+        """
+        order = scores.argsort(descending=True)
+        num_candidates = min(len(order), 4 * self.max_detections_per_image)
+        while True:
+            top = order[:num_candidates]
+            if self.class_agnostic_nms:
+                keep = nms(boxes[top], scores[top], self.test_nms_thresh)
+            else:
+                keep = batched_nms(boxes[top], scores[top], classes[top], self.test_nms_thresh)
+            if len(keep) >= self.max_detections_per_image or num_candidates == len(order):
+                return top[keep[: self.max_detections_per_image]]
+            num_candidates = min(len(order), 2 * num_candidates)

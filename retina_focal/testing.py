@@ -46,11 +46,16 @@ def synthetic_batch(batch_size: int, size: int, num_classes: int, boxes_per_imag
 
 @torch.no_grad()
 def make_detections_nontrivial(model: nn.Module, inputs: List[Dict]) -> None:
-    """The §4.1 init gives p ~ 0.01 everywhere (no detections): rescale the two output convs
-    so that, on ``inputs``, logits have std ~2 around sigmoid^-1(0.1) and deltas std ~0.2.
-    Works on RetinaFocal and detectron2's RetinaNet (same module names)."""
+    """The §4.1 init gives p ~ 0.01 everywhere (no detections): redraw the two output convs
+    so that, on ``inputs``, logits have std 2 around σ^-1(0.1) (scores spread over (0, 1),
+    none saturated) and deltas std 0.2. Works on RetinaFocal and detectron2's RetinaNet
+    (same module names)."""
+    convs = {"cls_score": (model.head.cls_score, 2.0), "bbox_pred": (model.head.bbox_pred, 0.2)}
+    for conv, _ in convs.values():
+        conv.weight.normal_(0, 1)
+        conv.bias.zero_()
     features = model.backbone(model.preprocess_image(inputs).tensor)
     logits, deltas = model.head([features[f] for f in model.head_in_features])
-    for conv, outs, std in ((model.head.cls_score, logits, 2.0), (model.head.bbox_pred, deltas, 0.2)):
-        conv.weight.normal_(0, 1).mul_(std / torch.cat([o.flatten() for o in outs]).std())
+    for (conv, std), outs in zip(convs.values(), (logits, deltas)):
+        conv.weight.mul_(std / torch.cat([o.flatten() for o in outs]).std())
     model.head.cls_score.bias.fill_(-2.2)

@@ -2,7 +2,8 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes
+from detectron2.layers import batched_nms, nms
+from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.events import EventStorage
 
 from retina_focal import RetinaFocal
@@ -140,3 +141,47 @@ def test_training_losses_equal_detectron2_on_the_same_batch():
             assert set(a) == set(b) == {"loss_cls", "loss_box_reg"}
             for k in a:
                 torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("agnostic", [False, True])
+@pytest.mark.parametrize("num_boxes, max_det", [(3000, 100), (300, 100), (50, 100), (0, 100)])
+def test_first_kept_by_nms_equals_nms_over_all_candidates(agnostic, num_boxes, max_det):
+    model = build_model(small_cfg("TEST.DETECTIONS_PER_IMAGE", max_det, "MODEL.RETINA_FOCAL.CLASS_AGNOSTIC_NMS", agnostic))
+    g = torch.Generator().manual_seed(num_boxes)
+    centers = torch.rand(max(num_boxes // 30, 1), 2, generator=g) * 200  # clusters: NMS suppresses most boxes
+    xy = centers[torch.randint(len(centers), (num_boxes,), generator=g)] + torch.randn(num_boxes, 2, generator=g) * 4
+    wh = 20 + torch.rand(num_boxes, 2, generator=g) * 10
+    boxes, scores = torch.cat([xy, xy + wh], dim=1), torch.randn(num_boxes, generator=g)
+    classes = torch.randint(3, (num_boxes,), generator=g)
+    expected = (nms(boxes, scores, 0.5) if agnostic else batched_nms(boxes, scores, classes, 0.5))[:max_det]
+    assert torch.equal(model._first_kept_by_nms(boxes, scores, classes), expected)
+
+
+@pytest.mark.parametrize("agnostic", [False, True])
+def test_class_score_thresholds_and_class_agnostic_nms(agnostic):
+    # prior 0.5: every score starts near 0.5; class 2's threshold lets no candidate through
+    cfg = small_cfg(
+        "MODEL.RETINANET.PRIOR_PROB", 0.5,
+        "MODEL.RETINA_FOCAL.CLASS_SCORE_THRESH", [0.2, 0.2, 0.9],
+        "MODEL.RETINA_FOCAL.CLASS_AGNOSTIC_NMS", agnostic,
+    )
+    model = build_model(cfg).eval()
+    images = model.preprocess_image([{"image": random_images([(128, 128)])[0]}])
+    with torch.no_grad():
+        (inst,) = model.inference(*model.predict(images), images.image_sizes)  # before clipping
+    assert set(inst.pred_classes.tolist()) == {0, 1} and (inst.scores > 0.2).all()
+    iou = pairwise_iou(inst.pred_boxes, inst.pred_boxes).fill_diagonal_(0)
+    assert (iou <= 0.5).all() == agnostic  # class-wise NMS keeps overlapping boxes of two classes
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["MODEL.RETINA_FOCAL.CLASS_SCORE_THRESH", [0.1, 0.2]], r"CLASS_SCORE_THRESH must have one threshold per class \(MODEL.RETINANET.NUM_CLASSES = 3\), got 2"),
+        (["MODEL.RETINA_FOCAL.CLASS_SCORE_THRESH", [0.1, 0.2, 1.5]], r"CLASS_SCORE_THRESH must be in \[0, 1\)"),
+        (["MODEL.RETINANET.SCORE_THRESH_TEST", -0.1], r"SCORE_THRESH_TEST must be in \[0, 1\), got -0.1"),
+    ],
+)
+def test_bad_score_thresholds_name_the_key(opts, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(small_cfg(*opts))
