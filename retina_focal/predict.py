@@ -45,11 +45,42 @@ from tqdm import tqdm
 from .checkpoint import RetinaFocalCheckpointer
 from .engine import load_config
 
-__all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "BatchPredictor", "find_inputs", "predict", "main"]
+__all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "BatchPredictor", "load_model", "model_input", "find_inputs", "predict", "main"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg")
 _VIDEO_CODEC = "MJPG"  # written as .avi: OpenCV's pip wheels always have it
+
+
+def load_model(cfg) -> torch.nn.Module:
+    """The model of ``cfg`` in eval mode with ``cfg.MODEL.WEIGHTS`` loaded.
+
+    Raises:
+        FileNotFoundError: MODEL.WEIGHTS is empty or names no file.
+        ValueError: the weights do not fit the config (RetinaFocalCheckpointer's message).
+    """
+    weights = cfg.MODEL.WEIGHTS
+    if not weights or ("://" not in weights and not os.path.isfile(weights)):
+        raise FileNotFoundError(f"MODEL.WEIGHTS {weights!r}: no such file; pass MODEL.WEIGHTS path/to/model_final.pth")
+    model = build_model(cfg).eval()
+    RetinaFocalCheckpointer(model).load(weights)
+    return model
+
+
+def model_input(cfg, image_bgr: np.ndarray) -> torch.Tensor:
+    """What detectron2's ``DefaultPredictor`` feeds the model: ``INPUT.FORMAT`` channel order,
+    short side resized to ``INPUT.MIN_SIZE_TEST`` (long side at most ``INPUT.MAX_SIZE_TEST``).
+
+    Args:
+        image_bgr: (H0, W0, 3) uint8 BGR (``cv2.imread``).
+
+    Returns:
+        (3, H, W) float32, values 0-255.
+    """
+    image = image_bgr[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else image_bgr
+    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    image = resize.get_transform(image).apply_image(image)
+    return torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
 
 
 class BatchPredictor:
@@ -57,19 +88,9 @@ class BatchPredictor:
     ``Instances`` per image out, in original-image pixels."""
 
     def __init__(self, cfg):
-        """Build the model of ``cfg`` and load ``cfg.MODEL.WEIGHTS``.
-
-        Raises:
-            FileNotFoundError: MODEL.WEIGHTS is empty or names no file.
-            ValueError: the weights do not fit the config (RetinaFocalCheckpointer's message).
-        """
-        weights = cfg.MODEL.WEIGHTS
-        if not weights or ("://" not in weights and not os.path.isfile(weights)):
-            raise FileNotFoundError(f"MODEL.WEIGHTS {weights!r}: no such file; pass MODEL.WEIGHTS path/to/model_final.pth")
-        self.model = build_model(cfg).eval()
-        RetinaFocalCheckpointer(self.model).load(weights)
-        self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-        self.rgb_input = cfg.INPUT.FORMAT == "RGB"
+        """Build the model of ``cfg`` and load ``cfg.MODEL.WEIGHTS`` (see :func:`load_model`)."""
+        self.cfg = cfg
+        self.model = load_model(cfg)
 
     @torch.no_grad()
     def __call__(self, images: Sequence[np.ndarray]) -> List[Instances]:
@@ -77,13 +98,9 @@ class BatchPredictor:
         Args:
             images: each (H, W, 3) uint8 BGR, sizes may differ.
         """
-        inputs = []
-        for image in images:
-            height, width = image.shape[:2]
-            image = image[:, :, ::-1] if self.rgb_input else image
-            resized = self.resize.get_transform(image).apply_image(image)
-            tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))  # (3, h, w)
-            inputs.append({"image": tensor, "height": height, "width": width})
+        inputs = [
+            {"image": model_input(self.cfg, image), "height": image.shape[0], "width": image.shape[1]} for image in images
+        ]
         return [out["instances"].to("cpu") for out in self.model(inputs)]
 
 
