@@ -124,30 +124,43 @@ class Inputs:
 
 
 def _kind(path: str) -> Optional[str]:
+    """"image", "video" or None, by the file extension."""
     ext = os.path.splitext(path)[1].lower()
     return "image" if ext in IMAGE_EXTENSIONS else "video" if ext in VIDEO_EXTENSIONS else None
 
 
+def _skip(skipped: List[Tuple[str, str]], path: str, reason: str) -> None:
+    tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
+    skipped.append((path, reason))
+
+
+def _folder_images(folder: str, output_dir: str) -> Iterator[Tuple[str, str]]:
+    """(image, drawing) paths below ``folder``, recursively, in sorted order."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if _kind(path) == "image":
+                yield path, os.path.join(output_dir, os.path.relpath(path, folder))
+
+
 def find_inputs(paths: Iterable[str], output_dir: str) -> Inputs:
-    """Expand files and folders (recursively, sorted) into images and videos, each with the
-    path its drawing goes to; record missing paths and unknown file types as skipped."""
+    """Expand files and folders into images and videos, each with the path its drawing goes
+    to; record missing paths and files of other types as skipped."""
     found = Inputs()
     for path in paths:
+        kind = _kind(path)
         if os.path.isdir(path):
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                for name in sorted(files):
-                    file = os.path.join(root, name)
-                    if _kind(file) == "image":
-                        found.images.append((file, os.path.join(output_dir, os.path.relpath(file, path))))
+            found.images.extend(_folder_images(path, output_dir))
         elif not os.path.isfile(path):
-            found.skipped.append((path, "no such file or folder"))
-        elif _kind(path) is None:
-            found.skipped.append((path, f"not an image ({' '.join(IMAGE_EXTENSIONS)}) or video ({' '.join(VIDEO_EXTENSIONS)})"))
+            _skip(found.skipped, path, "no such file or folder")
+        elif kind is None:
+            _skip(found.skipped, path, f"not an image ({' '.join(IMAGE_EXTENSIONS)}) or video ({' '.join(VIDEO_EXTENSIONS)})")
+        elif kind == "image":
+            found.images.append((path, os.path.join(output_dir, os.path.basename(path))))
         else:
             stem = os.path.splitext(os.path.basename(path))[0]
-            out = os.path.join(output_dir, os.path.basename(path) if _kind(path) == "image" else stem + ".avi")
-            (found.images if _kind(path) == "image" else found.videos).append((path, out))
+            found.videos.append((path, os.path.join(output_dir, stem + ".avi")))
     return found
 
 
@@ -163,8 +176,7 @@ def _image_frames(images: List[Tuple[str, str]], skipped: List[Tuple[str, str]])
     for path, out_path in images:
         image = cv2.imread(path, cv2.IMREAD_COLOR)  # None when the file cannot be decoded
         if image is None:
-            tqdm.write(f"skipped {path}: cannot be read as an image")
-            skipped.append((path, "cannot be read as an image"))
+            _skip(skipped, path, "cannot be read as an image")
             continue
         yield Frame(path, image, _write_image(out_path))
 
@@ -181,6 +193,10 @@ class _VideoWriter:
             size = (drawing.shape[1], drawing.shape[0])
             self._writer = cv2.VideoWriter(self.out_path, cv2.VideoWriter_fourcc(*_VIDEO_CODEC), self.fps, size)
         self._writer.write(drawing)
+
+    @property
+    def is_empty(self) -> bool:
+        return self._writer is None
 
     def close(self) -> None:
         if self._writer is not None:
@@ -277,16 +293,14 @@ def predict(
         run(_image_frames(inputs.images, inputs.skipped))
         for path, out_path in inputs.videos:
             capture = cv2.VideoCapture(path)
-            if not capture.isOpened():
-                tqdm.write(f"skipped {path}: cannot be opened as a video")
-                inputs.skipped.append((path, "cannot be opened as a video"))
-                continue
             writer = _VideoWriter(out_path, capture.get(cv2.CAP_PROP_FPS) or 25.0)
             try:
                 run(_video_frames(capture, path, writer))
             finally:
                 writer.close()
                 capture.release()
+            if writer.is_empty:  # not opened, or no frame decoded
+                _skip(inputs.skipped, path, "no frame can be read from this video")
     return results.items
 
 
@@ -317,8 +331,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: cannot run {args.config_file} with these weights: {e}", file=sys.stderr)
         return 2
     inputs = find_inputs(args.input, args.output)
-    for path, reason in inputs.skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
     results = predict(predictor, _metadata(cfg), inputs, confidence=args.confidence, batch_size=args.batch_size)
     json_file = args.json or os.path.join(args.output, "results.json")
     os.makedirs(os.path.dirname(os.path.abspath(json_file)), exist_ok=True)

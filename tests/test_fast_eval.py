@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -91,3 +92,11 @@ def test_unknown_evaluator_lists_the_names(dataset, tmp_path):
     cfg = small_cfg("TEST.EVALUATOR", "lvis", "OUTPUT_DIR", str(tmp_path))
     with pytest.raises(ValueError, match=r"TEST.EVALUATOR must be one of \['coco', 'faster_coco_eval'\], got 'lvis'"):
         RetinaFocalTrainer.build_evaluator(cfg, dataset[0])
+
+
+def test_bench_eval_script_times_both_and_gets_the_same_ap(capsys):
+    bench_eval.main(["--num-images", "30", "--repeats", "1"])
+    out = capsys.readouterr().out
+    aps = re.findall(r"AP (\d\.\d+)", out)
+    assert "pycocotools: median" in out and "faster-coco-eval: median" in out and "speed-up:" in out
+    assert len(aps) == 2 and aps[0] == aps[1]

@@ -1,7 +1,9 @@
 """retina_focal.predict: images, folders and videos in; drawings and COCO results out,
 equal to detectron2's DefaultPredictor; bad inputs skipped with a summary."""
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -109,12 +111,19 @@ def test_bad_inputs_are_skipped_with_a_summary(model_files, tmp_path, capsys):
     good = _images(tmp_path / "in", [(64, 64)])[0]
     corrupt = tmp_path / "in" / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8 definitely not a jpeg")
+    corrupt_video = tmp_path / "in" / "corrupt.mp4"
+    corrupt_video.write_bytes(b"not a video either")
+    text = tmp_path / "in" / "notes.txt"
+    text.write_text("hello")
     missing = str(tmp_path / "missing.png")
-    status = _run(model_files, [missing, str(corrupt), good], tmp_path / "out", "--confidence", "0")
+    inputs = [missing, str(corrupt), str(corrupt_video), str(text), good]
+    status = _run(model_files, inputs, tmp_path / "out", "--confidence", "0")
     err = capsys.readouterr().err
     assert status == 1
-    assert "Skipped 2 input(s):" in err
-    assert f"{missing}: no such file or folder" in err and f"{corrupt}: cannot be read as an image" in err
+    summary = err[err.index("Skipped 4 input(s):"):]
+    assert f"{missing}: no such file or folder" in summary and f"{corrupt}: cannot be read as an image" in summary
+    assert f"{corrupt_video}: no frame can be read from this video" in summary
+    assert f"{text}: not an image (.jpg" in summary
     assert {r["file_name"] for r in _results(tmp_path / "out" / "results.json")} == {good}
     assert os.path.isfile(tmp_path / "out" / "img0.png")
 
@@ -129,6 +138,12 @@ def test_weights_for_another_num_classes_give_a_clear_message(model_files, tmp_p
     assert proc.returncode == 2, proc.stderr
     assert "trained for 3 classes, the model has 5 (MODEL.RETINANET.NUM_CLASSES)" in proc.stderr
     assert "error: cannot run" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_console_script_points_at_main():
+    with open(os.path.join(REPO, "setup.py")) as f:
+        entry = re.search(r'"retina-focal-predict=([\w.]+):(\w+)"', f.read())
+    assert entry and importlib.import_module(entry.group(1)).__dict__[entry.group(2)] is main
 
 
 def test_missing_weights_name_the_key(model_files, tmp_path, capsys):

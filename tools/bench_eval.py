@@ -82,11 +82,11 @@ def time_cocoeval(cocoeval_cls, coco_gt_dict: Dict, results: List[Dict]) -> Tupl
     return seconds, float(coco_eval.stats[0])
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3, help="report the median of this many runs")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     from faster_coco_eval import COCOeval_faster
 
     gt, detections = synthetic_set(args.num_images)
