@@ -90,7 +90,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 class RetinaFocalTrainer(DefaultTrainer):
     """detectron2's DefaultTrainer plus:
 
-    * COCOEvaluator (or faster-coco-eval's, ``TEST.EVALUATOR``), and DDP that also works for CPU processes (gloo);
+    * COCOEvaluator (or the faster-coco-eval one, ``TEST.EVALUATOR``), and DDP that also
+      works for CPU processes (gloo);
     * training data checked once before the first step (``retina_focal.data.checks``) and
       a data stream that ``--resume`` continues exactly (``retina_focal.data.train_stream``);
     * atomic checkpoints that also hold the EMA loss normalizer and the stream seed;

@@ -2,8 +2,9 @@
 
 The exported graph is :class:`ExportableRetinaFocal`: one image tensor in (``(1, 3, H, W)``
 float, pixel values in ``INPUT.FORMAT`` order, already resized as ``DefaultPredictor``
-does: ``retina_focal.predict.model_input(cfg, image_bgr)[None]``), then RetinaFocal's own ``preprocess_image`` (normalization, padding to the
-backbone's size divisibility), backbone, head and anchors, and out per FPN level:
+does: ``retina_focal.predict.model_input(cfg, image_bgr)[None]``), then RetinaFocal's own
+``preprocess_image`` (normalization, padding to the backbone's size divisibility),
+backbone, head and anchors, and out per FPN level:
 
 * ``logits_<level>`` (1, HiWiA, K) classification logits (before the sigmoid);
 * ``deltas_<level>`` (1, HiWiA, 4) box deltas;
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 __all__ = ["ONNX_OPSET", "ExportableRetinaFocal", "postprocess", "export_torchscript", "export_onnx"]
 
-ONNX_OPSET = 17  # Resize/Pad/Range with dynamic shapes; onnxruntime >= 1.14 runs it
+ONNX_OPSET = 17  # tested with onnxruntime 1.32 (tests/test_export.py)
 
 
 class ExportableRetinaFocal(nn.Module):
@@ -50,8 +51,8 @@ class ExportableRetinaFocal(nn.Module):
         return [f"{kind}_{level}" for kind in ("logits", "deltas", "anchors") for level in levels]
 
     def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
-        images = self.model.preprocess_image([{"image": image[0]}])
-        anchors, logits, deltas = self.model.predict(images)
+        images = self.model.preprocess_image([{"image": image[0]}])  # (1, 3, H', W'), padded
+        anchors, logits, deltas = self.model.predict(images)  # per level (HiWiA, 4), (1, HiWiA, K), (1, HiWiA, 4)
         return tuple(logits) + tuple(deltas) + tuple(a.tensor for a in anchors)
 
 

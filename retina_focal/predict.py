@@ -45,7 +45,9 @@ from tqdm import tqdm
 from .checkpoint import RetinaFocalCheckpointer
 from .engine import load_config
 
-__all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "BatchPredictor", "load_model", "model_input", "find_inputs", "predict", "main"]
+__all__ = [
+    "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "BatchPredictor", "load_model", "model_input", "find_inputs", "predict", "main"
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg")
@@ -155,7 +157,8 @@ def find_inputs(paths: Iterable[str], output_dir: str) -> Inputs:
         elif not os.path.isfile(path):
             _skip(found.skipped, path, "no such file or folder")
         elif kind is None:
-            _skip(found.skipped, path, f"not an image ({' '.join(IMAGE_EXTENSIONS)}) or video ({' '.join(VIDEO_EXTENSIONS)})")
+            types = f"not an image ({' '.join(IMAGE_EXTENSIONS)}) or video ({' '.join(VIDEO_EXTENSIONS)})"
+            _skip(found.skipped, path, types)
         elif kind == "image":
             found.images.append((path, os.path.join(output_dir, os.path.basename(path))))
         else:

@@ -42,7 +42,8 @@ def test_poly1_loss_against_the_formula_by_hand(namespace):
     by_hand = -alpha_t * (1 - p_t) ** 2 * torch.log(p_t) + 0.5 * (1 - p_t) ** 3
     torch.testing.assert_close(poly.elementwise_loss(logits, targets), by_hand)
     zero = namespace["Poly1FocalLoss"](alpha=0.25, gamma=2.0, epsilon=0.0)
-    torch.testing.assert_close(zero.elementwise_loss(logits, targets), FocalLoss(alpha=0.25, gamma=2.0).elementwise_loss(logits, targets))
+    focal = FocalLoss(alpha=0.25, gamma=2.0)
+    torch.testing.assert_close(zero.elementwise_loss(logits, targets), focal.elementwise_loss(logits, targets))
 
 
 def test_scaled_head_equals_the_plain_head_at_scale_one_and_scales_deltas(namespace):

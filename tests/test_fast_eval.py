@@ -38,6 +38,11 @@ def dataset(tmp_path_factory):
     MetadataCatalog.remove(name)
 
 
+def _saved_results(output_dir) -> list:
+    with open(output_dir / "coco_instances_results.json") as f:
+        return json.load(f)
+
+
 def _evaluate(evaluator, detections) -> dict:
     evaluator.reset()
     for image_id, (boxes, scores, classes) in detections.items():
@@ -70,8 +75,7 @@ def test_same_metrics_as_pycocotools(dataset, tmp_path):
     assert 10 < expected["bbox"]["AP"] < 90  # neither trivial nor perfect
     for key, value in expected["bbox"].items():
         assert math.isfinite(value) and got["bbox"][key] == pytest.approx(value, abs=1e-4), key
-    with open(tmp_path / "slow" / "coco_instances_results.json") as a, open(tmp_path / "fast" / "coco_instances_results.json") as b:
-        assert json.load(a) == json.load(b)
+    assert _saved_results(tmp_path / "slow") == _saved_results(tmp_path / "fast") != []
 
 
 def test_missing_package_names_the_key_and_pip(monkeypatch, dataset):

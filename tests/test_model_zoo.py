@@ -57,4 +57,5 @@ def test_model_zoo_md_eval_commands_name_existing_configs():
     for command in commands:
         config = re.search(r"--config-file configs/(\S+)", command).group(1)
         model_zoo.get_config_file(config)
-        assert re.search(r"MODEL\.WEIGHTS https://dl\.fbaipublicfiles\.com/detectron2/COCO-Detection/retinanet_R_\d+_FPN_\dx/\d+/model_final_[0-9a-f]+\.pkl", command)
+        url = r"https://dl\.fbaipublicfiles\.com/detectron2/COCO-Detection/retinanet_R_\d+_FPN_\dx/\d+/model_final_[0-9a-f]+\.pkl"
+        assert re.search(r"MODEL\.WEIGHTS " + url, command)
