@@ -1,8 +1,10 @@
 """tools/export.py: TorchScript and ONNX graphs give PyTorch's head outputs (1e-4) at two
 input sizes, and, through retina_focal.export.postprocess, PyTorch's detections."""
 import os
+import re
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -103,3 +105,19 @@ def test_missing_weights_are_named(exported, capsys):
             "MODEL.WEIGHTS", str(root / "nope.pth")]
     assert export_tool.main(args) == 2
     assert "MODEL.WEIGHTS" in capsys.readouterr().err and not os.path.exists(root / "bad" / "model.onnx")
+
+
+def test_getting_started_onnx_example_runs(exported, tmp_path):
+    """docs/getting_started.md's post-processing example, on the exported test model."""
+    with open(os.path.join(REPO, "docs", "getting_started.md")) as f:
+        (block,) = [b for b in re.findall(r"```python\n(.*?)```", f.read(), re.S) if "postprocess" in b]
+    root = exported[2]
+    (root / "export").mkdir(exist_ok=True)
+    for name, source in (("config.yaml", "onnx/config.yaml"), ("model.onnx", "onnx/model.onnx")):
+        (root / "export" / name).write_bytes((root / source).read_bytes())
+    cv2.imwrite(str(tmp_path / "img.png"), np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    code = block.replace("output/export", str(root / "export")).replace('"img.png"', repr(str(tmp_path / "img.png")))
+    namespace = {}
+    exec(compile(code, "docs/getting_started.md", "exec"), namespace)
+    instances = namespace["instances"]
+    assert instances.image_size == (50, 70) and len(instances) == 30  # threshold 0 in the exported config
