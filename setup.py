@@ -33,6 +33,10 @@ setup(
         "opencv-python>=4.5",
         "matplotlib>=3.3",
         "numpy>=1.21",
+        "tqdm>4.29",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "onnx>=1.14", "onnxruntime>=1.16", "faster-coco-eval>=1.6"],
+    },
+    entry_points={"console_scripts": ["retina-focal-predict=retina_focal.predict:main"]},
 )

@@ -23,7 +23,7 @@ from .losses import (
 from .matching import EveryGTMatcher, build_anchor_matcher
 from .meta_arch import RetinaFocal
 from .checkpoint import RetinaFocalCheckpointer
-from .evaluation import RetinaFocalCOCOEvaluator
+from .evaluation import RetinaFocalCOCOEvaluator, RetinaFocalFastCOCOEvaluator
 from . import data  # noqa: F401  (retina_focal.data.register_shapes; train_net registers them)
 
 __all__ = [
@@ -45,4 +45,5 @@ __all__ = [
     "RetinaFocal",
     "RetinaFocalCheckpointer",
     "RetinaFocalCOCOEvaluator",
+    "RetinaFocalFastCOCOEvaluator",
 ]

@@ -91,6 +91,12 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # Bitwise-reproducible training: deterministic kernels (torch.use_deterministic_algorithms,
     # cuDNN without autotuning) and a fixed SEED (must be >= 0). See docs/reliability.md.
     _C.DETERMINISTIC = False
+
+    # Evaluator of the test sets (train_net.py, --eval-only, TEST.EVAL_PERIOD): "coco" =
+    # detectron2's COCOEvaluator (pycocotools' Python COCOeval without detectron2's _C);
+    # "faster_coco_eval" = the same metrics from the C++ COCOeval of the faster-coco-eval
+    # package (pip install faster-coco-eval).
+    _C.TEST.EVALUATOR = "coco"
     return cfg
 
 

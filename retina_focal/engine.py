@@ -24,7 +24,7 @@ from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AttributeState, RetinaFocalCheckpointer
 from .config import add_retina_focal_config
-from .evaluation import RetinaFocalCOCOEvaluator
+from .evaluation import evaluator_class
 from .data import (
     ResumableTrainLoader,
     build_resumable_train_loader,
@@ -90,7 +90,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 class RetinaFocalTrainer(DefaultTrainer):
     """detectron2's DefaultTrainer plus:
 
-    * COCOEvaluator, and DDP that also works for CPU processes (gloo);
+    * COCOEvaluator (or the faster-coco-eval one, ``TEST.EVALUATOR``), and DDP that also
+      works for CPU processes (gloo);
     * training data checked once before the first step (``retina_focal.data.checks``) and
       a data stream that ``--resume`` continues exactly (``retina_focal.data.train_stream``);
     * atomic checkpoints that also hold the EMA loss normalizer and the stream seed;
@@ -174,7 +175,7 @@ class RetinaFocalTrainer(DefaultTrainer):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         DatasetCatalog.get(dataset_name)  # datasets generated on first use must exist now
         check_num_classes(cfg.MODEL.RETINANET.NUM_CLASSES, [dataset_name])
-        return RetinaFocalCOCOEvaluator(
+        return evaluator_class(cfg.TEST.EVALUATOR)(
             dataset_name, output_dir=output_folder, score_thresh=cfg.MODEL.RETINANET.SCORE_THRESH_TEST
         )
 

@@ -1,4 +1,4 @@
-"""COCOEvaluator that says why AP is NaN.
+"""COCOEvaluator that says why AP is NaN, and one that computes AP with faster-coco-eval.
 
 detectron2's COCOEvaluator (0.7, official pycocotools) handles the two degenerate cases
 without an exception, but without saying why either:
@@ -14,6 +14,11 @@ without an exception, but without saying why either:
 :class:`RetinaFocalCOCOEvaluator` returns exactly what COCOEvaluator returns (same dict, same
 ``coco_instances_results.json``), NaN metrics instead of ``{}`` in the last case, and logs a
 note that names the dataset, the number of evaluated images and what to do.
+
+Without detectron2's compiled ``_C``, COCOEvaluator computes AP with pycocotools' Python
+COCOeval (minutes on COCO val). :class:`RetinaFocalFastCOCOEvaluator` (``TEST.EVALUATOR
+faster_coco_eval``) does the same with the C++ ``COCOeval_faster`` of the faster-coco-eval
+package; :func:`evaluator_class` maps ``TEST.EVALUATOR`` to the class.
 """
 import contextlib
 import io
@@ -21,8 +26,9 @@ import logging
 from typing import AbstractSet, Dict, List, Optional
 
 from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import coco_evaluation as d2_coco_evaluation
 
-__all__ = ["RetinaFocalCOCOEvaluator"]
+__all__ = ["RetinaFocalCOCOEvaluator", "RetinaFocalFastCOCOEvaluator", "evaluator_class"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,3 +132,70 @@ def _count_detections(predictions: List[Dict], image_ids: AbstractSet[int]) -> i
 def _count_ground_truth(coco_api, image_ids: AbstractSet[int]) -> int:
     """Number of non-crowd annotations on ``image_ids``; COCOeval ignores crowd boxes."""
     return sum(1 for i in image_ids for ann in coco_api.imgToAnns.get(i, []) if not ann.get("iscrowd", 0))
+
+
+# TEST.EVALUATOR names (retina_focal.engine.RetinaFocalTrainer.build_evaluator)
+EVALUATOR_KEY = "TEST.EVALUATOR"
+FASTER_COCO_EVAL = "faster_coco_eval"
+
+
+def _faster_cocoeval_class():
+    """faster-coco-eval's C++ ``COCOeval_faster``, or an ImportError that says what to install."""
+    try:
+        from faster_coco_eval import COCOeval_faster
+    except ImportError as e:
+        raise ImportError(
+            f"{EVALUATOR_KEY} {FASTER_COCO_EVAL!r} needs the faster-coco-eval package: "
+            f"pip install faster-coco-eval (or set {EVALUATOR_KEY} coco for pycocotools)"
+        ) from e
+    return COCOeval_faster
+
+
+@contextlib.contextmanager
+def _detectron2_fast_cocoeval(cocoeval_cls):
+    """Make COCOEvaluator's "fast implementation" (``COCOeval_opt``, which is pycocotools'
+    COCOeval when detectron2 has no compiled ``_C``) be ``cocoeval_cls`` for a while."""
+    saved = d2_coco_evaluation.COCOeval_opt
+    d2_coco_evaluation.COCOeval_opt = cocoeval_cls
+    try:
+        yield
+    finally:
+        d2_coco_evaluation.COCOeval_opt = saved
+
+
+class RetinaFocalFastCOCOEvaluator(RetinaFocalCOCOEvaluator):
+    """:class:`RetinaFocalCOCOEvaluator` whose COCOeval is faster-coco-eval's C++
+    ``COCOeval_faster`` (``TEST.EVALUATOR faster_coco_eval``): the same result dict and
+    the same ``coco_instances_results.json``, the AP computed by the same algorithm
+    (``tests/test_fast_eval.py`` checks it against pycocotools to 1e-4).
+
+    detectron2's ``COCOEvaluator`` passes its ``COCOeval_opt`` (detectron2's own C++
+    evaluator, or pycocotools' Python one where ``detectron2._C`` is missing) to
+    ``_evaluate_predictions_on_coco(..., cocoeval_fn=...)``; this class has it pass
+    ``COCOeval_faster`` instead. A custom ``max_dets_per_image`` (third value other than
+    100) still uses detectron2's pycocotools-based ``COCOevalMaxDets``.
+    """
+
+    def __init__(self, dataset_name: str, tasks=None, distributed: bool = True, output_dir: Optional[str] = None, **kwargs):
+        """Arguments as :class:`RetinaFocalCOCOEvaluator` (``use_fast_impl`` is implied).
+
+        Raises:
+            ImportError: faster-coco-eval is not installed (the message gives the pip command).
+        """
+        self._cocoeval_cls = _faster_cocoeval_class()
+        super().__init__(dataset_name, tasks, distributed, output_dir, **kwargs)
+        self._use_fast_impl = True  # COCOEvaluator turns it off when detectron2._C is missing
+
+    def _eval_predictions(self, predictions: List[Dict], img_ids=None):
+        with _detectron2_fast_cocoeval(self._cocoeval_cls):
+            super()._eval_predictions(predictions, img_ids=img_ids)
+
+
+EVALUATORS = {"coco": RetinaFocalCOCOEvaluator, FASTER_COCO_EVAL: RetinaFocalFastCOCOEvaluator}
+
+
+def evaluator_class(name: str):
+    """The evaluator class that ``TEST.EVALUATOR`` names, or a ValueError listing the names."""
+    if name not in EVALUATORS:
+        raise ValueError(f"{EVALUATOR_KEY} must be one of {sorted(EVALUATORS)}, got {name!r}")
+    return EVALUATORS[name]
