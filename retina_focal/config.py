@@ -81,6 +81,18 @@ def add_retina_focal_config(cfg: CN) -> CN:
     _C.MODEL.RETINA_FOCAL.CLASS_SCORE_THRESH = []
     # True: one NMS over all classes (a box suppresses overlapping boxes of any class).
     _C.MODEL.RETINA_FOCAL.CLASS_AGNOSTIC_NMS = False
+    # Speed: backbone and head in the channels-last (NHWC) memory format, which oneDNN (CPU)
+    # and tensor cores (GPU) prefer, and the head's outputs need no transposing copy. Same
+    # weights and checkpoints; float rounding differs. tools/benchmark.py measures both.
+    _C.MODEL.RETINA_FOCAL.CHANNELS_LAST = True
+    # Speed: each ResNet conv + frozen BatchNorm (MODEL.RESNETS.NORM FrozenBN) as one conv with
+    # the BN folded into its weight and bias (retina_focal.backbone.FrozenBNFoldedConv2d).
+    _C.MODEL.RETINA_FOCAL.FOLD_FROZEN_BN = True
+    # Speed, opt-in, changes numerics: backbone and head under torch.autocast(bfloat16) on
+    # any device (a CPU with AVX-512 BF16 or AMX, a GPU); losses and post-processing stay in
+    # float32. Tolerances against float32 are in docs/benchmark.md. On GPUs the usual choice
+    # for training is SOLVER.AMP.ENABLED (float16 with loss scaling).
+    _C.MODEL.RETINA_FOCAL.BF16 = False
     # Loading a checkpoint whose classifier has another number of classes is an error; True
     # loads every other weight and keeps the new classifier (fine-tuning on a new dataset).
     _C.MODEL.RETINA_FOCAL.REINIT_MISMATCHED_CLASSIFIER = False

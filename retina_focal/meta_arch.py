@@ -94,6 +94,8 @@ class RetinaFocal(nn.Module):
         test_nms_thresh: float = 0.5,
         max_detections_per_image: int = 100,
         class_agnostic_nms: bool = False,
+        channels_last: bool = True,
+        bf16: bool = False,
         pixel_mean: Tuple[float, ...],
         pixel_std: Tuple[float, ...],
     ):
@@ -116,6 +118,11 @@ class RetinaFocal(nn.Module):
             test_nms_thresh (float): class-wise NMS IoU threshold (0.5, §4.1).
             max_detections_per_image (int): detections kept per image (100, COCO).
             class_agnostic_nms (bool): one NMS over all classes instead of one per class.
+            channels_last (bool): run backbone and head in the channels-last (NHWC) memory
+                format (same weights and checkpoints; float rounding differs).
+            bf16 (bool): run backbone and head under ``torch.autocast(bfloat16)``; losses and
+                post-processing stay in float32. Faster (about 2x on an AVX-512 CPU), less
+                exact: see ``MODEL.RETINA_FOCAL.BF16``.
             pixel_mean, pixel_std: per-channel input normalization.
         """
         super().__init__()
@@ -146,6 +153,10 @@ class RetinaFocal(nn.Module):
         self.test_nms_thresh = test_nms_thresh
         self.max_detections_per_image = max_detections_per_image
         self.class_agnostic_nms = class_agnostic_nms
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.bf16 = bf16
+        self.backbone.to(memory_format=self.memory_format)
+        self.head.to(memory_format=self.memory_format)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -185,6 +196,8 @@ class RetinaFocal(nn.Module):
             "test_nms_thresh": cfg.MODEL.RETINANET.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "class_agnostic_nms": cfg.MODEL.RETINA_FOCAL.CLASS_AGNOSTIC_NMS,
+            "channels_last": cfg.MODEL.RETINA_FOCAL.CHANNELS_LAST,
+            "bf16": cfg.MODEL.RETINA_FOCAL.BF16,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
@@ -209,9 +222,14 @@ class RetinaFocal(nn.Module):
             gt_labels, gt_boxes = self.label_batch(batched_inputs, anchors)
             return self.losses(anchors, logits, deltas, gt_labels, gt_boxes)
         results = self.inference(anchors, logits, deltas, images.image_sizes)
+        return self.postprocess(results, batched_inputs, images.image_sizes)
+
+    @staticmethod
+    def postprocess(results: List[Instances], batched_inputs: List[Dict], image_sizes: List[Tuple[int, int]]):
+        """Rescale detections to each input's "height"/"width" (default: its size) and clip."""
         return [
             {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1]))}
-            for r, x, size in zip(results, batched_inputs, images.image_sizes)
+            for r, x, size in zip(results, batched_inputs, image_sizes)
         ]
 
     def predict(self, images: ImageList) -> Tuple[List[Boxes], List[Tensor], List[Tensor]]:
@@ -221,9 +239,19 @@ class RetinaFocal(nn.Module):
             anchors (list[Boxes]): per level (HiWiA, 4).
             logits, deltas (list[Tensor]): per level (N, HiWiA, K) and (N, HiWiA, 4).
         """
-        features = self.backbone(images.tensor)
-        features = [features[f] for f in self.head_in_features]
-        logits, deltas = self.head(features)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            features = self.backbone(images.tensor.contiguous(memory_format=self.memory_format))
+            features = [features[f] for f in self.head_in_features]
+            logits, deltas = self.head(features)
+        if self.bf16:
+            logits, deltas = [x.float() for x in logits], [x.float() for x in deltas]
+        return self.dense_outputs(features, logits, deltas)
+
+    def dense_outputs(
+        self, features: List[Tensor], logits: List[Tensor], deltas: List[Tensor]
+    ) -> Tuple[List[Boxes], List[Tensor], List[Tensor]]:
+        """The anchors of ``features`` and the head's outputs, per level, reshaped from
+        (N, A*K, Hi, Wi) to (N, HiWiA, K) and from (N, A*4, Hi, Wi) to (N, HiWiA, 4)."""
         anchors = self.anchor_generator(features)
         logits = [permute_to_N_HWA_K(x, self.num_classes) for x in logits]  # (N, HiWiA, K)
         deltas = [permute_to_N_HWA_K(x, 4) for x in deltas]  # (N, HiWiA, 4)

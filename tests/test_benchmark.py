@@ -1,0 +1,64 @@
+"""tools/benchmark.py end to end on a tiny model: every section writes its rows."""
+import csv
+import os
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import benchmark  # noqa: E402
+
+TINY = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.FPN.OUT_CHANNELS", "64"]
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    text = benchmark.main([
+        "--device", "cpu", "--threads", "1", "--rounds", "1", "--scaling-rounds", "1", "--train-size", "64",
+        "--train-batch", "1", "--sizes", "64", "--batches", "1", "--loss-anchors", "3000",
+        "--output-dir", str(out), *TINY,
+    ])
+    assert "| section | case |" in text and (out / "results.md").read_text() == text
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _rows(rows, section):
+    return [r for r in rows if r["section"] == section]
+
+
+def test_every_section_races_both_implementations(rows):
+    both = {benchmark.OURS, benchmark.THEIRS}
+    for section in ("memory", "scaling"):
+        assert {r["implementation"] for r in _rows(rows, section)} == both, section
+    for section in ("train", "inference"):  # + the opt-in bf16 model, end to end
+        assert {r["implementation"] for r in _rows(rows, section)} == both | {benchmark.OURS_BF16}, section
+    cases = {r["case"] for r in _rows(rows, "inference")}
+    assert {c.split(",")[0] for c in cases} == {"end to end", "backbone + FPN", "head", "post-processing"}
+    for r in rows:
+        assert float(r["ratio"]) > 0
+        if r["implementation"] == benchmark.THEIRS:
+            assert float(r["ratio"]) == 1.0  # detectron2 is the reference of every row pair
+
+
+def test_loss_rows_check_values_against_fvcore(rows):
+    loss = {r["implementation"]: r for r in _rows(rows, "loss")}
+    assert len(loss) == 4 and float(loss["fvcore sigmoid_focal_loss_jit"]["ratio"]) == 1.0
+    note = loss["ours FocalLoss (fused)"]["note"]
+    value_diff, grad_diff = (float(part.split()[-1]) for part in note.split(", "))
+    assert value_diff < 1e-5 and grad_diff < 1e-5
+
+
+def test_inference_gives_the_same_detections(rows):
+    (end_to_end,) = [
+        r for r in _rows(rows, "inference") if r["case"].startswith("end to end") and r["implementation"] == benchmark.OURS
+    ]
+    assert "same classes" in end_to_end["note"] and not end_to_end["note"].startswith("0 detections")
+
+
+def test_memory_rows_have_peaks(rows):
+    for r in _rows(rows, "memory") + [r for r in _rows(rows, "scaling") if r["peak_mib"]]:
+        assert float(r["peak_mib"]) > 0

@@ -1,0 +1,366 @@
+#!/usr/bin/env python
+"""Race RetinaFocal against detectron2's RetinaNet: same config, same weights, same inputs.
+
+    python tools/benchmark.py                      # make bench: every section, R-50-FPN, 80 classes
+    python tools/benchmark.py --sections loss train --rounds 7
+
+Sections (medians of ``--rounds`` timed rounds after a warm-up; the two implementations
+alternate within each round, so machine noise hits both):
+
+* ``loss``: the classification loss alone, forward + backward, 120,000 anchors x 80 classes,
+  0.2 % positive anchors: fvcore's ``sigmoid_focal_loss_jit`` (detectron2's), torchvision's,
+  ours elementwise (``sigmoid_focal_loss``) and ours fused (``FocalLoss``), with the largest
+  difference of value and gradient from fvcore's;
+* ``train``: one training step (forward, backward, SGD step), batch 2 at 512x512, 4 boxes
+  per image; also RetinaFocal with the opt-in ``MODEL.RETINA_FOCAL.BF16``;
+* ``inference``: batch 1 at 512x512, end to end and split into backbone + FPN, head and
+  post-processing (anchors, decode, top-k, NMS, rescaling); also checks that both return
+  the same detections (and how far the BF16 model's are);
+* ``memory``: peak memory of a training step above the memory held before it (resident set
+  size of a fresh process per implementation, large allocations returned to the system);
+* ``scaling``: training step time and peak memory for each image size x batch size.
+
+Writes ``results.md`` and ``results.csv`` to ``--output-dir``. Weights are the §4.1
+initialization (no download), with the output convs redrawn for the inference section so
+there are detections to post-process.
+"""
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+from fvcore.nn import sigmoid_focal_loss_jit  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+from torchvision.ops import sigmoid_focal_loss as torchvision_focal_loss  # noqa: E402
+
+from retina_focal.engine import load_config  # noqa: E402
+from retina_focal.losses import FocalLoss, sigmoid_focal_loss  # noqa: E402
+from retina_focal.meta_arch import RetinaFocal  # noqa: E402
+from retina_focal.testing import (  # noqa: E402
+    build_detectron2_twin,
+    detection_rows,
+    make_detections_nontrivial,
+    synthetic_batch,
+)
+
+DEFAULT_CONFIG = "configs/COCO-Detection/retina_focal_R_50_FPN_1x.yaml"
+SECTIONS = ("loss", "train", "inference", "memory", "scaling")
+OURS, THEIRS, OURS_BF16 = "RetinaFocal", "detectron2 RetinaNet", "RetinaFocal BF16 (opt-in)"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config-file", default=DEFAULT_CONFIG)
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="MODEL.DEVICE")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per measurement (after 1 warm-up)")
+    p.add_argument("--scaling-rounds", type=int, default=2)
+    p.add_argument("--train-size", type=int, default=512)
+    p.add_argument("--train-batch", type=int, default=2)
+    p.add_argument("--sizes", type=int, nargs="+", default=[384, 512, 640, 800])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--loss-anchors", type=int, default=120_000)
+    p.add_argument("--output-dir", default="output/benchmark")
+    p.add_argument("--memory-worker", choices=[OURS, THEIRS], help=argparse.SUPPRESS)
+    p.add_argument("--shapes", default="", help=argparse.SUPPRESS)  # memory worker: "size:batch,..."
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
+    return p.parse_args(argv)
+
+
+def build_pair(args, bf16: bool = False):
+    """(cfg, {name: model}) with identical weights; with ``bf16`` also RetinaFocal with
+    ``MODEL.RETINA_FOCAL.BF16 True``."""
+    cfg = load_config(args.config_file, ["MODEL.DEVICE", args.device, *args.opts])
+    torch.manual_seed(0)
+    models = {THEIRS: build_detectron2_twin(cfg), OURS: build_model(cfg)}
+    if bf16:
+        bf16_cfg = cfg.clone()
+        bf16_cfg.MODEL.RETINA_FOCAL.BF16 = True
+        models[OURS_BF16] = build_model(bf16_cfg)
+    for name, model in models.items():
+        model.load_state_dict(models[THEIRS].state_dict(), strict=True)
+    return cfg, {name: models[name] for name in (OURS, THEIRS, OURS_BF16) if name in models}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def race(fns: Dict[str, Callable[[], object]], rounds: int, device: torch.device) -> Dict[str, List[float]]:
+    """Seconds per call of each function: one warm-up call each, then ``rounds`` rounds in
+    which every function runs once, in an order that alternates between rounds."""
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            _sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def train_step_fn(model, inputs) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    model.train()
+
+    def step():
+        with EventStorage():
+            losses = model(inputs)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    return step
+
+
+class Report:
+    """Rows of (section, case, implementation, median/min/max ms, ratio to the reference, note)."""
+
+    def __init__(self):
+        self.rows: List[Dict] = []
+
+    def add_times(self, section: str, case: str, times: Dict[str, List[float]], reference: str, notes=None):
+        ref = statistics.median(times[reference])
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            self.rows.append({
+                "section": section, "case": case, "implementation": name,
+                "median_ms": round(1e3 * med, 2), "min_ms": round(1e3 * min(ts), 2), "max_ms": round(1e3 * max(ts), 2),
+                "ratio": round(med / ref, 3), "peak_mib": "", "note": (notes or {}).get(name, ""),
+            })
+            print(f"[{section}] {case:28s} {name:30s} median {1e3 * med:9.1f} ms  ratio {med / ref:.3f}", flush=True)
+
+    def add_memory(self, section: str, case: str, peaks: Dict[str, float], reference: str):
+        for name, peak in peaks.items():
+            self.rows.append({
+                "section": section, "case": case, "implementation": name, "median_ms": "", "min_ms": "", "max_ms": "",
+                "ratio": round(peak / peaks[reference], 3), "peak_mib": round(peak / 2**20, 1), "note": "",
+            })
+            print(f"[{section}] {case:28s} {name:30s} peak {peak / 2**20:9.1f} MiB  ratio {peak / peaks[reference]:.3f}", flush=True)
+
+    def write(self, out_dir: str, header: str) -> str:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        lines = [header, "", "| section | case | implementation | median ms | min–max ms | peak MiB | ratio | note |",
+                 "|---|---|---|---:|---:|---:|---:|---|"]
+        for r in self.rows:
+            spread = f"{r['min_ms']}–{r['max_ms']}" if r["median_ms"] != "" else ""
+            lines.append(f"| {r['section']} | {r['case']} | {r['implementation']} | {r['median_ms']} | {spread} "
+                         f"| {r['peak_mib']} | {r['ratio']} | {r['note']} |")
+        text = "\n".join(lines) + "\n"
+        with open(os.path.join(out_dir, "results.md"), "w") as f:
+            f.write(text)
+        return text
+
+
+def bench_loss(args, report: Report, device: torch.device) -> None:
+    num_classes, num_anchors = 80, args.loss_anchors
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(1, num_anchors, num_classes, generator=g) * 2 - 4).to(device)  # p ~ 0.02 on average
+    labels = torch.full((1, num_anchors), num_classes, dtype=torch.long)
+    positives = torch.randperm(num_anchors, generator=g)[: max(1, num_anchors // 500)]  # 0.2 %
+    labels[0, positives] = torch.randint(num_classes, (len(positives),), generator=g)
+    labels = labels.to(device)
+    targets = F.one_hot(labels[0], num_classes + 1)[:, :num_classes].float()  # (R, K), outside the timing
+    fused = FocalLoss(alpha=0.25, gamma=2.0)
+    losses = {
+        "fvcore sigmoid_focal_loss_jit": lambda x: sigmoid_focal_loss_jit(x[0], targets, 0.25, 2.0, "sum"),
+        "torchvision sigmoid_focal_loss": lambda x: torchvision_focal_loss(x[0], targets, 0.25, 2.0, "sum"),
+        "ours sigmoid_focal_loss": lambda x: sigmoid_focal_loss(x[0], targets, 0.25, 2.0, "sum"),
+        "ours FocalLoss (fused)": lambda x: fused(x, labels, 1.0),
+    }
+
+    def value_and_grad(fn):
+        x = logits.clone().requires_grad_()
+        value = fn(x)
+        value.backward()
+        return value.detach(), x.grad
+
+    ref_value, ref_grad = value_and_grad(losses["fvcore sigmoid_focal_loss_jit"])
+    notes = {}
+    for name, fn in losses.items():
+        value, grad = value_and_grad(fn)
+        value_diff = abs(value.item() - ref_value.item()) / abs(ref_value.item())
+        grad_diff = ((grad - ref_grad).abs().max() / ref_grad.abs().max()).item()
+        notes[name] = f"value rel. diff {value_diff:.1e}, max grad diff / max grad {grad_diff:.1e}"
+    times = race({name: (lambda fn=fn: value_and_grad(fn)) for name, fn in losses.items()}, args.rounds, device)
+    case = f"{num_anchors:,} anchors x {num_classes}, fwd+bwd"
+    report.add_times("loss", case, times, reference="fvcore sigmoid_focal_loss_jit", notes=notes)
+
+
+def bench_train(args, report: Report, device: torch.device) -> None:
+    cfg, models = build_pair(args, bf16=True)
+    inputs = synthetic_batch(args.train_batch, args.train_size, cfg.MODEL.RETINANET.NUM_CLASSES)
+    times = race({name: train_step_fn(m, inputs) for name, m in models.items()}, args.rounds, device)
+    report.add_times("train", f"step, batch {args.train_batch} @ {args.train_size}px", times, reference=THEIRS)
+
+
+def _same_detections(a, b) -> str:
+    a, b = detection_rows(a[0]["instances"]), detection_rows(b[0]["instances"])
+    if a.shape != b.shape or not torch.equal(a[:, 1], b[:, 1]):
+        return f"different detections: {len(a)} vs {len(b)}"
+    diff = (a - b).abs().amax(dim=0) if len(a) else torch.zeros(6)
+    return f"{len(a)} detections, same classes, max score diff {diff[0]:.1e}, max box diff {diff[2:].max():.1e} px"
+
+
+@torch.no_grad()
+def bench_inference(args, report: Report, device: torch.device) -> None:
+    _, models = build_pair(args, bf16=True)
+    theirs = models[THEIRS].eval()
+    inputs = [{"image": x["image"]} for x in synthetic_batch(1, args.train_size, 1, seed=1)]
+    make_detections_nontrivial(theirs, inputs)
+    reference = theirs(inputs)
+    notes = {}
+    for name in (OURS, OURS_BF16):
+        models[name].load_state_dict(theirs.state_dict())
+        notes[name] = _same_detections(models[name].eval()(inputs), reference)
+        print(f"[inference] {name} vs {THEIRS}: {notes[name]}", flush=True)
+    size = f"batch 1 @ {args.train_size}px"
+    report.add_times("inference", f"end to end, {size}", race(
+        {name: (lambda m=m: m(inputs)) for name, m in models.items()}, args.rounds, device), reference=THEIRS, notes=notes)
+
+    stages = {}
+    for name, m in ((OURS, models[OURS]), (THEIRS, theirs)):
+        images = m.preprocess_image(inputs)
+        features = m.backbone(images.tensor)
+        features = [features[f] for f in m.head_in_features]
+        head_out = m.head(features)
+        stages[name] = (m, images, features, head_out)
+    report.add_times("inference", f"backbone + FPN, {size}", race(
+        {name: (lambda m=m, im=im: m.backbone(im.tensor)) for name, (m, im, _, _) in stages.items()}, args.rounds, device),
+        reference=THEIRS)
+    report.add_times("inference", f"head, {size}", race(
+        {name: (lambda m=m, f=f: m.head(f)) for name, (m, _, f, _) in stages.items()}, args.rounds, device),
+        reference=THEIRS)
+
+    def ours_post(m, images, features, head_out):
+        results = m.inference(*m.dense_outputs(features, *head_out), images.image_sizes)
+        return m.postprocess(results, inputs, images.image_sizes)
+
+    def theirs_post(m, images, features, head_out):  # the rescaling loop of RetinaNet.forward is the same
+        return RetinaFocal.postprocess(m.forward_inference(images, features, head_out), inputs, images.image_sizes)
+
+    post = {OURS: ours_post, THEIRS: theirs_post}
+    report.add_times("inference", f"post-processing, {size}", race(
+        {name: (lambda name=name, s=s: post[name](*s)) for name, s in stages.items()}, args.rounds, device),
+        reference=THEIRS)
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+
+def memory_worker(args) -> None:
+    """In a fresh process: per (size, batch), a warm-up step, then the peak resident memory of
+    one step above the resident memory before it. Prints one JSON dict."""
+    cfg, models = build_pair(args)
+    model = models[args.memory_worker]
+    del models
+    peaks = {}
+    for shape in args.shapes.split(","):
+        size, batch = (int(v) for v in shape.split(":"))
+        step = train_step_fn(model, synthetic_batch(batch, size, cfg.MODEL.RETINANET.NUM_CLASSES))
+        step()
+        before = _status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current resident size
+        step()
+        peaks[shape] = _status_bytes("VmHWM") - before
+    print("PEAKS " + json.dumps(peaks))
+
+
+def measure_peaks(args, shapes: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """{shape: {implementation: peak bytes}} from one worker process per implementation."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
+    peaks: Dict[str, Dict[str, float]] = {s: {} for s in shapes}
+    for name in (OURS, THEIRS):
+        cmd = [sys.executable, os.path.abspath(__file__), "--config-file", args.config_file, "--device", args.device,
+               "--threads", str(args.threads),
+               "--memory-worker", name, "--shapes", ",".join(shapes), *args.opts]
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+        for shape, peak in json.loads(out.split("PEAKS ", 1)[1]).items():
+            peaks[shape][name] = peak
+    return peaks
+
+
+def bench_memory(args, report: Report, device: torch.device) -> None:
+    if device.type == "cuda":
+        raise SystemExit("the memory sections measure CPU memory; run them with MODEL.DEVICE cpu")
+    shape = f"{args.train_size}:{args.train_batch}"
+    peaks = measure_peaks(args, [shape])
+    report.add_memory("memory", f"train step, batch {args.train_batch} @ {args.train_size}px", peaks[shape], reference=THEIRS)
+
+
+def bench_scaling(args, report: Report, device: torch.device) -> None:
+    cfg, models = build_pair(args)
+    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
+    shapes = [f"{s}:{b}" for s in args.sizes for b in args.batches]
+    peaks = measure_peaks(args, shapes) if device.type == "cpu" else {}
+    for shape in shapes:
+        size, batch = (int(v) for v in shape.split(":"))
+        inputs = synthetic_batch(batch, size, num_classes)
+        times = race({name: train_step_fn(m, inputs) for name, m in models.items()}, args.scaling_rounds, device)
+        case = f"step, batch {batch} @ {size}px"
+        report.add_times("scaling", case, times, reference=THEIRS)
+        if shape in peaks:
+            report.add_memory("scaling", case, peaks[shape], reference=THEIRS)
+
+
+def main(argv=None) -> str:
+    threads = torch.get_num_threads()
+    try:
+        return run(parse_args(argv), argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args, argv) -> str:
+    torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        memory_worker(args)
+        return ""
+    cfg = load_config(args.config_file, ["MODEL.DEVICE", args.device, *args.opts])
+    device = torch.device(cfg.MODEL.DEVICE)
+    header = (f"Benchmark: `python tools/benchmark.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+              f"{args.config_file}, {cfg.MODEL.DEVICE}, {platform.processor() or platform.machine()}, "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds "
+              f"(scaling: {args.scaling_rounds}); ratio = this implementation / the reference row.")
+    print(header, flush=True)
+    report = Report()
+    if "loss" in args.sections:
+        bench_loss(args, report, device)
+    if "train" in args.sections:
+        bench_train(args, report, device)
+    if "memory" in args.sections:
+        bench_memory(args, report, device)
+    if "scaling" in args.sections:
+        bench_scaling(args, report, device)
+    if "inference" in args.sections:
+        bench_inference(args, report, device)
+    return report.write(args.output_dir, header)
+
+
+if __name__ == "__main__":
+    print(main())
