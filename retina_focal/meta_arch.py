@@ -9,6 +9,7 @@ preprocess → backbone (ResNet-FPN, P3–P7) → anchors → head (class + box 
   top-scoring candidates decoded; levels merged; class-wise NMS at 0.5; top 100 kept.
 """
 import logging
+import math
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
@@ -61,6 +62,21 @@ def _check_score_thresholds(thresh: Union[float, Sequence[float]], num_classes: 
     if not all(0.0 <= t < 1.0 for t in values):
         raise ValueError(f"{key} must be in [0, 1), got {thresh}")
     return values[0] if key.endswith("SCORE_THRESH_TEST") else values
+
+
+def _topk(values: Tensor, k: int, chunks: int = 16) -> Tuple[Tensor, Tensor]:
+    """``values.topk(k)`` of a long 1-D tensor as the top k of ``chunks`` per-chunk top-ks: the
+    same elements (the best k are among the best k of their chunks) in sorted order, and the
+    chunks run in parallel (one 1-D top-k uses one CPU thread)."""
+    n = values.numel()
+    if n < 4 * chunks * k:
+        return values.topk(k)
+    chunk = -(-n // chunks)
+    padded = torch.cat([values, values.new_full((chunk * chunks - n,), -math.inf)])
+    top, idx = padded.view(chunks, chunk).topk(k, dim=1)  # (chunks, k)
+    idx = idx + torch.arange(chunks, device=values.device).unsqueeze(1) * chunk
+    top, order = top.flatten().topk(k)
+    return top, idx.flatten()[order]
 
 
 @META_ARCH_REGISTRY.register()
@@ -419,11 +435,13 @@ class RetinaFocal(nn.Module):
         Returns:
             boxes (M, 4), logits (M,), classes (M,) with M ≤ test_topk_candidates.
         """
-        anchor_idxs, classes = torch.nonzero(logits > logit_thresh, as_tuple=True)  # thresholding first: cheaper top-k
-        scores = logits[anchor_idxs, classes]
-        if len(scores) > self.test_topk_candidates:
-            scores, order = scores.topk(self.test_topk_candidates)
-            anchor_idxs, classes = anchor_idxs[order], classes[order]
+        passing = logits > logit_thresh  # (HWA, K)
+        if int(passing.sum()) > self.test_topk_candidates:  # top-k of the passing scores, no index list
+            scores, flat = _topk(torch.where(passing, logits, -math.inf).flatten(), self.test_topk_candidates)
+            anchor_idxs, classes = flat // self.num_classes, flat % self.num_classes
+        else:  # thresholding first: few candidates, no top-k needed (NMS sorts)
+            anchor_idxs, classes = torch.nonzero(passing, as_tuple=True)
+            scores = logits[anchor_idxs, classes]
         boxes = self.box2box_transform.apply_deltas(deltas[anchor_idxs], anchors[anchor_idxs])
         return boxes, scores, classes
 

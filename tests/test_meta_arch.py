@@ -220,3 +220,13 @@ def test_class_score_thresholds_and_class_agnostic_nms(agnostic):
 def test_bad_score_thresholds_name_the_key(opts, message):
     with pytest.raises(ValueError, match=message):
         build_model(small_cfg(*opts))
+
+
+@pytest.mark.parametrize("n, k", [(2_000_003, 1000), (64_001, 1000), (5_000, 1000), (1000, 1000)])
+def test_chunked_topk_equals_topk(n, k):
+    from retina_focal.meta_arch import _topk
+
+    values = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    top, idx = _topk(values, k)
+    expected_top, expected_idx = values.topk(k)
+    assert torch.equal(top, expected_top) and torch.equal(idx, expected_idx)

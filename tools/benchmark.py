@@ -40,6 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import Boxes, pairwise_iou  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 from fvcore.nn import sigmoid_focal_loss_jit  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
@@ -216,10 +217,17 @@ def bench_train(args, report: Report, device: torch.device) -> None:
     report.add_times("train", f"step, batch {args.train_batch} @ {args.train_size}px", times, reference=THEIRS)
 
 
+def _matched_share(a: torch.Tensor, b: torch.Tensor) -> str:
+    """How many rows of ``a`` have a same-class row of ``b`` with box IoU ≥ 0.9."""
+    iou = pairwise_iou(Boxes(a[:, 2:]), Boxes(b[:, 2:]))  # (Da, Db)
+    matched = ((iou >= 0.9) & (a[:, 1:2] == b[None, :, 1])).any(dim=1)
+    return f"{int(matched.sum())} of {len(a)} detections matched (same class, IoU >= 0.9)"
+
+
 def _same_detections(a, b) -> str:
     a, b = detection_rows(a[0]["instances"]), detection_rows(b[0]["instances"])
     if a.shape != b.shape or not torch.equal(a[:, 1], b[:, 1]):
-        return f"different detections: {len(a)} vs {len(b)}"
+        return f"different detections: {_matched_share(a, b)}"
     diff = (a - b).abs().amax(dim=0) if len(a) else torch.zeros(6)
     return f"{len(a)} detections, same classes, max score diff {diff[0]:.1e}, max box diff {diff[2:].max():.1e} px"
 
