@@ -236,7 +236,7 @@ def focal_loss_sum_and_grad(
         focus.mul_(~ignored.unsqueeze(1))  # ignored anchors: no loss, no gradient
     elementwise = _negative_cross_entropy(x, sig).mul_(focus)  # (M, K) σ^γ softplus(x)
     if isinstance(neg_weight, Tensor):
-        loss = elementwise.sum(0).dot(neg_weight)
+        loss = (elementwise.sum(0) * neg_weight).sum()  # not dot: autocast would run it in half precision
     else:
         loss = elementwise.sum() * neg_weight
     # gradient: σ^γ·σ + γ (1 - σ)·σ^γ softplus, in the buffers of focus and elementwise

@@ -88,3 +88,15 @@ def test_bad_arguments_are_named():
         focal_loss_sum(logits, labels, gamma=-1.0)
     with pytest.raises(ValueError, match=r"gt_labels \(3, 399\) must be the shape of logits \(3, 400, 7\)"):
         focal_loss_sum(logits, labels[:, 1:])
+
+
+@pytest.mark.parametrize("alpha", [0.25, "per_class"])
+def test_autocast_keeps_the_loss_in_float32(alpha):
+    logits, labels = _logits_and_labels(dtype=torch.float32)
+    if alpha == "per_class":
+        alpha = torch.linspace(0.1, 0.9, logits.shape[-1])
+    expected = focal_loss_sum(logits, labels, alpha)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = focal_loss_sum(logits, labels, alpha)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0.0)

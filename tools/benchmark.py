@@ -75,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--loss-anchors", type=int, default=120_000)
     p.add_argument("--output-dir", default="output/benchmark")
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of one "
+                   "training step and one inference of each implementation")
     p.add_argument("--memory-worker", choices=[OURS, THEIRS], help=argparse.SUPPRESS)
     p.add_argument("--shapes", default="", help=argparse.SUPPRESS)  # memory worker: "size:batch,..."
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
@@ -210,10 +212,25 @@ def bench_loss(args, report: Report, device: torch.device) -> None:
     report.add_times("loss", case, times, reference="fvcore sigmoid_focal_loss_jit", notes=notes)
 
 
+def print_profiles(fns: Dict[str, Callable[[], object]], title: str, rows: int = 8) -> None:
+    """torch.profiler's operators by self CPU time for one call of each function (after one
+    unprofiled call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, fn in fns.items():
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        print(f"\n[profile] {title}: {name}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def bench_train(args, report: Report, device: torch.device) -> None:
     cfg, models = build_pair(args, bf16=True)
     inputs = synthetic_batch(args.train_batch, args.train_size, cfg.MODEL.RETINANET.NUM_CLASSES)
-    times = race({name: train_step_fn(m, inputs) for name, m in models.items()}, args.rounds, device)
+    steps = {name: train_step_fn(m, inputs) for name, m in models.items()}
+    if args.profile:
+        print_profiles(steps, f"train step, batch {args.train_batch} @ {args.train_size}px")
+    times = race(steps, args.rounds, device)
     report.add_times("train", f"step, batch {args.train_batch} @ {args.train_size}px", times, reference=THEIRS)
 
 
@@ -245,8 +262,10 @@ def bench_inference(args, report: Report, device: torch.device) -> None:
         notes[name] = _same_detections(models[name].eval()(inputs), reference)
         print(f"[inference] {name} vs {THEIRS}: {notes[name]}", flush=True)
     size = f"batch 1 @ {args.train_size}px"
-    report.add_times("inference", f"end to end, {size}", race(
-        {name: (lambda m=m: m(inputs)) for name, m in models.items()}, args.rounds, device), reference=THEIRS, notes=notes)
+    end_to_end = {name: (lambda m=m: m(inputs)) for name, m in models.items()}
+    if args.profile:
+        print_profiles(end_to_end, f"inference, {size}")
+    report.add_times("inference", f"end to end, {size}", race(end_to_end, args.rounds, device), reference=THEIRS, notes=notes)
 
     stages = {}
     for name, m in ((OURS, models[OURS]), (THEIRS, theirs)):
