@@ -109,6 +109,11 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # "faster_coco_eval" = the same metrics from the C++ COCOeval of the faster-coco-eval
     # package (pip install faster-coco-eval).
     _C.TEST.EVALUATOR = "coco"
+
+    # Diagnostics (docs/diagnostics.md). Warn once when more than this share of a training
+    # batch's ground-truth boxes has no anchor with IoU >= the foreground threshold (0.5,
+    # §4); 1.0 = never. The "assign/*" metrics of every iteration are logged regardless.
+    _C.MODEL.RETINA_FOCAL.UNMATCHED_GT_WARN_FRACTION = 0.25
     return cfg
 
 
