@@ -114,6 +114,17 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # batch's ground-truth boxes has no anchor with IoU >= the foreground threshold (0.5,
     # §4); 1.0 = never. The "assign/*" metrics of every iteration are logged regardless.
     _C.MODEL.RETINA_FOCAL.UNMATCHED_GT_WARN_FRACTION = 0.25
+    # Every this many iterations (and after the last), the training losses on the
+    # DATASETS.TEST images, without gradient and without touching the EMA loss normalizer,
+    # logged as val_loss_cls, val_loss_box_reg, val_total_loss; 0 = off.
+    _C.TEST.VAL_LOSS_PERIOD = 0
+    # Images of DATASETS.TEST used for the validation losses (the first N); 0 = all.
+    _C.TEST.VAL_LOSS_NUM_IMAGES = 0
+    # After each evaluation, keep model_best.pth for the best value of this metric of the
+    # EventStorage (e.g. "bbox/AP", or "val_total_loss" with mode "min"); "" = off.
+    _C.SOLVER.BEST_CHECKPOINT_METRIC = ""
+    # "max" (AP) or "min" (a loss) for SOLVER.BEST_CHECKPOINT_METRIC.
+    _C.SOLVER.BEST_CHECKPOINT_MODE = "max"
     return cfg
 
 
