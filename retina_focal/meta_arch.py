@@ -102,7 +102,7 @@ class RetinaFocal(nn.Module):
         class_agnostic_nms: bool = False,
         channels_last: bool = True,
         bf16: bool = False,
-        unmatched_gt_warn_fraction: float = 0.25,
+        unmatched_gt_warn_fraction: float = 0.5,
         pixel_mean: Tuple[float, ...],
         pixel_std: Tuple[float, ...],
     ):
