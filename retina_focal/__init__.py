@@ -24,6 +24,8 @@ from .matching import EveryGTMatcher, build_anchor_matcher
 from .meta_arch import RetinaFocal
 from .checkpoint import RetinaFocalCheckpointer
 from .evaluation import RetinaFocalCOCOEvaluator, RetinaFocalFastCOCOEvaluator
+from .hooks import ValidationLoss
+from .diagnostics import measure_coverage, propose_anchors
 from . import data  # noqa: F401  (retina_focal.data.register_shapes; train_net registers them)
 
 __all__ = [
@@ -46,4 +48,7 @@ __all__ = [
     "RetinaFocalCheckpointer",
     "RetinaFocalCOCOEvaluator",
     "RetinaFocalFastCOCOEvaluator",
+    "ValidationLoss",
+    "measure_coverage",
+    "propose_anchors",
 ]

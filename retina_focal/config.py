@@ -109,6 +109,24 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # "faster_coco_eval" = the same metrics from the C++ COCOeval of the faster-coco-eval
     # package (pip install faster-coco-eval).
     _C.TEST.EVALUATOR = "coco"
+
+    # Diagnostics (docs/diagnostics.md). Warn once when more than this share of a training
+    # batch's ground-truth boxes has no anchor with IoU >= the foreground threshold (0.5,
+    # §4); 1.0 = never. 0.5 is silent on the demo (about 16% of its boxes, the 8-16 px
+    # ones, miss) and loud for a badly sized anchor set. The "assign/*" metrics are logged
+    # every iteration regardless.
+    _C.MODEL.RETINA_FOCAL.UNMATCHED_GT_WARN_FRACTION = 0.5
+    # Every this many iterations (and after the last), the training losses on the
+    # DATASETS.TEST images, without gradient and without touching the EMA loss normalizer,
+    # logged as val_loss_cls, val_loss_box_reg, val_total_loss; 0 = off.
+    _C.TEST.VAL_LOSS_PERIOD = 0
+    # Images of DATASETS.TEST used for the validation losses (the first N); 0 = all.
+    _C.TEST.VAL_LOSS_NUM_IMAGES = 0
+    # After each evaluation, keep model_best.pth for the best value of this metric of the
+    # EventStorage (e.g. "bbox/AP", or "val_total_loss" with mode "min"); "" = off.
+    _C.SOLVER.BEST_CHECKPOINT_METRIC = ""
+    # "max" (AP) or "min" (a loss) for SOLVER.BEST_CHECKPOINT_METRIC.
+    _C.SOLVER.BEST_CHECKPOINT_MODE = "max"
     return cfg
 
 

@@ -25,6 +25,7 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import AttributeState, RetinaFocalCheckpointer
 from .config import add_retina_focal_config
 from .evaluation import evaluator_class
+from .hooks import insert_diagnostic_hooks
 from .data import (
     ResumableTrainLoader,
     build_resumable_train_loader,
@@ -114,7 +115,8 @@ class RetinaFocalTrainer(DefaultTrainer):
         for hook in ret:
             if isinstance(hook, hooks.PeriodicWriter):
                 hook._period = self.cfg.SOLVER.LOG_PERIOD
-        return ret
+        # TEST.VAL_LOSS_PERIOD, SOLVER.BEST_CHECKPOINT_METRIC (retina_focal/hooks.py)
+        return insert_diagnostic_hooks(self.cfg, ret, self.checkpointer)
 
     def build_writers(self):
         window = self.cfg.SOLVER.LOG_PERIOD

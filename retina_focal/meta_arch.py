@@ -27,6 +27,12 @@ from torch import Tensor, nn
 
 from .config import warn_ignored_settings
 from .data.checks import check_gt_instances
+from .diagnostics.assignment import (
+    foreground_iou_threshold,
+    gt_assignment,
+    log_assignment_metrics,
+    warn_if_anchors_miss_boxes,
+)
 from .head import build_retina_focal_head
 from .losses import BOX_REG_LOSS_TYPES, box_regression_loss, build_retina_focal_loss
 from .matching import build_anchor_matcher
@@ -112,6 +118,7 @@ class RetinaFocal(nn.Module):
         class_agnostic_nms: bool = False,
         channels_last: bool = True,
         bf16: bool = False,
+        unmatched_gt_warn_fraction: float = 0.5,
         pixel_mean: Tuple[float, ...],
         pixel_std: Tuple[float, ...],
     ):
@@ -139,6 +146,8 @@ class RetinaFocal(nn.Module):
             bf16 (bool): run backbone and head under ``torch.autocast(bfloat16)``; losses and
                 post-processing stay in float32. Faster (about 2x on an AVX-512 CPU), less
                 exact: see ``MODEL.RETINA_FOCAL.BF16``.
+            unmatched_gt_warn_fraction (float): warn (once) when more than this share of a
+                training batch's boxes has no anchor with the foreground IoU (in [0, 1]).
             pixel_mean, pixel_std: per-channel input normalization.
         """
         super().__init__()
@@ -171,6 +180,10 @@ class RetinaFocal(nn.Module):
         self.class_agnostic_nms = class_agnostic_nms
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.bf16 = bf16
+        self.unmatched_gt_warn_fraction = unmatched_gt_warn_fraction
+        self._warned_unmatched_gt = False
+        # per box of the last labelled batch: best anchor IoU, foreground anchors (label_anchors)
+        self.last_gt_assignment: Tuple[Tensor, Tensor] = (torch.zeros(0), torch.zeros(0, dtype=torch.int64))
         self.backbone.to(memory_format=self.memory_format)
         self.head.to(memory_format=self.memory_format)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -214,6 +227,7 @@ class RetinaFocal(nn.Module):
             "class_agnostic_nms": cfg.MODEL.RETINA_FOCAL.CLASS_AGNOSTIC_NMS,
             "channels_last": cfg.MODEL.RETINA_FOCAL.CHANNELS_LAST,
             "bf16": cfg.MODEL.RETINA_FOCAL.BF16,
+            "unmatched_gt_warn_fraction": cfg.MODEL.RETINA_FOCAL.UNMATCHED_GT_WARN_FRACTION,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
@@ -303,12 +317,16 @@ class RetinaFocal(nn.Module):
             gt_labels (Tensor): (N, R), R = sum(Hi*Wi*A): a class in [0, K) for foreground,
                 K for background, -1 for ignored anchors.
             matched_gt_boxes (Tensor): (N, R, 4) the matched box (meaningful where foreground).
+
+        Also sets ``last_gt_assignment``: each box's best anchor IoU and number of foreground
+        anchors, (B,) and (B,) over the batch's B boxes, which :meth:`losses` logs.
         """
         anchors = Boxes.cat(anchors)  # (R, 4)
-        gt_labels, matched_gt_boxes = [], []
+        gt_labels, matched_gt_boxes, per_gt = [], [], []
         for instances in gt_instances:  # images differ in their number of boxes
             iou = pairwise_iou(instances.gt_boxes, anchors)  # (G, R)
             matched_idxs, anchor_labels = self.anchor_matcher(iou)  # (R,), (R,) in {-1, 0, 1}
+            per_gt.append(gt_assignment(iou, matched_idxs, anchor_labels))  # (G,), (G,)
             if len(instances) > 0:
                 labels = instances.gt_classes[matched_idxs]
                 boxes = instances.gt_boxes.tensor[matched_idxs]
@@ -319,6 +337,8 @@ class RetinaFocal(nn.Module):
                 boxes = torch.zeros_like(anchors.tensor)
             gt_labels.append(labels)
             matched_gt_boxes.append(boxes)
+        best_iou, num_fg = zip(*per_gt)
+        self.last_gt_assignment = (torch.cat(best_iou), torch.cat(num_fg))  # (B,), (B,)
         return torch.stack(gt_labels), torch.stack(matched_gt_boxes)
 
     def losses(
@@ -337,10 +357,24 @@ class RetinaFocal(nn.Module):
             gt_labels, gt_boxes: from :meth:`label_anchors`, (N, R) and (N, R, 4).
         """
         num_fg = self.foreground_mask(gt_labels).sum().item()
-        get_event_storage().put_scalar("num_pos_anchors", num_fg / gt_labels.shape[0])
+        storage = get_event_storage()
+        storage.put_scalar("num_pos_anchors", num_fg / gt_labels.shape[0])
+        self._log_assignment(storage, gt_labels, [len(a) for a in anchors])
         normalizer = self._update_loss_normalizer(num_fg)
         anchors = Boxes.cat(anchors).tensor  # (R, 4)
         return self.loss_terms(anchors, cat(logits, dim=1), cat(deltas, dim=1), gt_labels, gt_boxes, normalizer)
+
+    def _log_assignment(self, storage, gt_labels: Tensor, level_sizes: List[int]) -> None:
+        """The ``assign/*`` metrics of the batch (retina_focal.diagnostics.assignment); warn
+        once if too many boxes have no anchor at the foreground IoU."""
+        fg_iou = foreground_iou_threshold(self.anchor_matcher)
+        counts = log_assignment_metrics(
+            storage, self.foreground_mask(gt_labels), level_sizes, self.head_in_features, *self.last_gt_assignment, fg_iou
+        )
+        if not self._warned_unmatched_gt:
+            self._warned_unmatched_gt = warn_if_anchors_miss_boxes(
+                counts, fg_iou, self.unmatched_gt_warn_fraction, storage.iter
+            )
 
     def foreground_mask(self, gt_labels: Tensor) -> Tensor:
         """(N, R) bool: anchors labelled with a class (not background K, not ignored -1)."""

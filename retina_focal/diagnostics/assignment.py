@@ -1,0 +1,123 @@
+"""Assignment metrics logged every training iteration: how the §4 IoU rule treats the batch.
+
+RetinaFocal's ``label_anchors`` already holds, per image, the (G, R) IoU matrix of the
+ground-truth boxes with the anchors; :func:`gt_assignment` reduces it (no second IoU pass)
+to each box's best anchor IoU and its number of foreground anchors, and
+:func:`log_assignment_metrics` writes, to detectron2's EventStorage (so to ``metrics.json``
+and TensorBoard):
+
+* ``assign/fg_anchors_per_image/<level>``: foreground anchors per image on each FPN level;
+* ``assign/gt_with_fg_anchor``: share of ground-truth boxes with at least one foreground
+  anchor (by the IoU rule or by the low-quality rescue);
+* ``assign/gt_best_iou_above_fg``: share of boxes whose best anchor reaches the foreground
+  IoU (0.5 in §4), i.e. that are positives without the low-quality rescue;
+* ``assign/matched_gt_best_iou``: mean best anchor IoU of the boxes with a foreground anchor.
+
+:func:`warn_if_anchors_miss_boxes` warns once when too many boxes of a batch stay below the
+foreground IoU (see ``MODEL.RETINA_FOCAL.UNMATCHED_GT_WARN_FRACTION``).
+"""
+import logging
+from typing import List, Sequence, Tuple
+
+import torch
+from detectron2.modeling.matcher import Matcher
+from torch import Tensor
+
+from ..matching import foreground_counts
+
+__all__ = ["foreground_iou_threshold", "gt_assignment", "log_assignment_metrics", "warn_if_anchors_miss_boxes"]
+
+logger = logging.getLogger(__name__)
+
+
+def foreground_iou_threshold(matcher: Matcher) -> float:
+    """The lowest IoU the matcher labels foreground (0.5 for §4's [0.4, 0.5], [0, -1, 1])."""
+    lows = matcher.thresholds[:-1]  # detectron2 brackets the thresholds with -inf and +inf
+    return min(low for low, label in zip(lows, matcher.labels) if label == 1)
+
+
+def gt_assignment(iou: Tensor, matched_idxs: Tensor, anchor_labels: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per ground-truth box of one image: best anchor IoU and number of foreground anchors.
+
+    Args:
+        iou (Tensor): (G, R) IoU of the G boxes with the R anchors.
+        matched_idxs (Tensor): (R,) the matcher's box index of every anchor.
+        anchor_labels (Tensor): (R,) the matcher's labels in {-1, 0, 1}.
+
+    Returns:
+        best_iou (Tensor): (G,) float; num_fg (Tensor): (G,) int64.
+    """
+    num_gt = iou.shape[0]
+    best_iou = iou.max(dim=1).values if iou.numel() else iou.new_zeros(num_gt)  # (G,)
+    return best_iou, foreground_counts(matched_idxs, anchor_labels, num_gt)
+
+
+def log_assignment_metrics(
+    storage,
+    fg_mask: Tensor,
+    level_sizes: Sequence[int],
+    level_names: Sequence[str],
+    best_iou: Tensor,
+    num_fg: Tensor,
+    fg_iou: float,
+) -> List[float]:
+    """Write the ``assign/*`` scalars of one batch (module docstring) with one device sync.
+
+    Args:
+        storage (EventStorage): detectron2's current storage.
+        fg_mask (Tensor): (N, R) bool, foreground anchors of the batch.
+        level_sizes (list[int]): HiWiA of each level, summing to R; level_names: e.g. p3…p7.
+        best_iou, num_fg (Tensor): (B,) over the B boxes of the batch, from :func:`gt_assignment`.
+        fg_iou (float): the foreground IoU threshold.
+
+    Returns:
+        list[float]: [boxes, boxes with a foreground anchor, boxes with best IoU ≥ fg_iou],
+        as counts (for :func:`warn_if_anchors_miss_boxes`).
+    """
+    per_level = torch.stack([m.sum() for m in fg_mask.split(list(level_sizes), dim=1)]).float()  # (L,)
+    matched = num_fg > 0  # (B,)
+    counts = torch.stack([matched.sum(), (best_iou >= fg_iou).sum()]).float()  # (2,)
+    matched_iou = (best_iou * matched).sum()
+    values = torch.cat([per_level / fg_mask.shape[0], counts, matched_iou[None]]).tolist()
+    num_boxes = len(best_iou)
+    num_matched, num_above = values[len(level_names)], values[len(level_names) + 1]
+    storage.put_scalars(
+        **{f"assign/fg_anchors_per_image/{name}": v for name, v in zip(level_names, values)}
+    )
+    if num_boxes:  # images without boxes say nothing about coverage
+        storage.put_scalars(
+            **{
+                "assign/gt_with_fg_anchor": num_matched / num_boxes,
+                "assign/gt_best_iou_above_fg": num_above / num_boxes,
+            }
+        )
+    if num_matched:
+        storage.put_scalar("assign/matched_gt_best_iou", values[-1] / num_matched)
+    return [num_boxes, num_matched, num_above]
+
+
+def warn_if_anchors_miss_boxes(counts: Sequence[float], fg_iou: float, max_fraction: float, iteration: int) -> bool:
+    """Log a warning if more than ``max_fraction`` of a batch's boxes have no anchor with
+    IoU ≥ ``fg_iou``; return whether it did.
+
+    Args:
+        counts: [boxes, boxes with a foreground anchor, boxes with best IoU ≥ fg_iou], from
+            :func:`log_assignment_metrics`.
+        fg_iou (float): the foreground IoU threshold; max_fraction (float): in [0, 1].
+        iteration (int): for the message.
+    """
+    num_boxes, num_matched, num_above = (int(c) for c in counts)
+    below = num_boxes - num_above
+    if num_boxes == 0 or below <= max_fraction * num_boxes:
+        return False
+    rescued = num_matched - num_above
+    logger.warning(
+        f"Anchor coverage: in the batch of iteration {iteration}, {below} of {num_boxes} ground-truth "
+        f"boxes ({below / num_boxes:.0%}) have no anchor with IoU >= {fg_iou:g}; {rescued} of them are "
+        f"foreground only through the low-quality rule (their best anchor), {num_boxes - num_matched} "
+        "get no foreground anchor at all. The anchors (MODEL.ANCHOR_GENERATOR.SIZES / ASPECT_RATIOS) "
+        "may not fit the objects at this input size: `python tools/anchor_stats.py --config-file "
+        "<config>` measures the dataset's coverage and proposes anchors (docs/diagnostics.md). "
+        "This warning is shown once; MODEL.RETINA_FOCAL.UNMATCHED_GT_WARN_FRACTION sets its threshold."
+    )
+    return True
