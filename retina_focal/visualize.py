@@ -14,7 +14,16 @@ from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
-__all__ = ["read_metrics", "plot_training_curves", "draw_predictions"]
+__all__ = ["read_metrics", "plot_training_curves", "draw_predictions", "save_figure"]
+
+
+def save_figure(fig, output: str, dpi: int = 110) -> str:
+    """Lay out ``fig``, write it as a PNG (folders created), close it; returns ``output``."""
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(output, dpi=dpi)
+    plt.close(fig)
+    return output
 
 
 def read_metrics(metrics_json: str) -> List[Dict]:
@@ -51,11 +60,7 @@ def plot_training_curves(metrics_json: str, out_png: str, ap_key: str = "bbox/AP
     ax_ap.set_title("validation AP")
     ax_ap.legend(loc="lower right")
     ax_ap.grid(alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=100)
 
 
 @torch.no_grad()

@@ -44,6 +44,7 @@ from detectron2.structures import Boxes, pairwise_iou  # noqa: E402
 from retina_focal.checkpoint import RetinaFocalCheckpointer  # noqa: E402
 from retina_focal.engine import RetinaFocalTrainer, load_config  # noqa: E402
 from retina_focal.losses import sigmoid_focal_loss, sigmoid_focal_loss_star  # noqa: E402
+from retina_focal.visualize import save_figure  # noqa: E402
 
 PAPER_GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)  # the γ of Figures 1 and 4
 BATCH_SIZE = 8  # images per forward pass in fig4
@@ -101,7 +102,7 @@ def _plot_loss_curves(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", framealpha=0.95)
-    return _save(fig, output)
+    return save_figure(fig, output)
 
 
 def plot_figure1(output: str, gammas: Sequence[float] = PAPER_GAMMAS) -> str:
@@ -287,7 +288,7 @@ def plot_figure4(data: Dict[str, Dict[float, Tuple]], counts: Dict[str, int], su
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", title=f"loss share of the hardest {HARD_FRACTION:.0%}", framealpha=0.95)
     fig.suptitle(f"Figure 4: CDF of the normalized focal loss (α cancels in the normalization)\n{subtitle}")
-    return _save(fig, output)
+    return save_figure(fig, output)
 
 
 def make_figure4(cfg, weights: str, output: str, num_images: int, gammas: Sequence[float] = PAPER_GAMMAS) -> str:
@@ -418,7 +419,7 @@ def plot_anchor_assignment(model, cfg, inputs: Dict, class_names: Sequence[str],
         ax.axis("off")
     bg_below, fg_from = cfg.MODEL.RETINANET.IOU_THRESHOLDS
     fig.suptitle(f"Anchor assignment (§4: fg IoU ≥ {fg_from}, bg < {bg_below}, ignored between) — {title}")
-    return _save(fig, output)
+    return save_figure(fig, output)
 
 
 def make_anchor_figure(cfg, output: str, dataset_index: int = 0, image: str = "", dataset_name: str = "") -> str:
@@ -435,15 +436,6 @@ def make_anchor_figure(cfg, output: str, dataset_index: int = 0, image: str = ""
 
 
 # ------------------------------------------------------------------------- command line
-
-
-def _save(fig, output: str) -> str:
-    """Write ``fig`` as PNG (folders created) and close it."""
-    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
-    return output
 
 
 def build_parser() -> argparse.ArgumentParser:

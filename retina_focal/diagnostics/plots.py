@@ -1,5 +1,4 @@
 """PNG figures of the diagnostics: anchor coverage before/after, PR curves, confusion matrix."""
-import os
 from typing import Dict, Sequence, Tuple
 
 import matplotlib
@@ -9,17 +8,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .anchor_coverage import RATIO_EDGES, SIDE_EDGES, AnchorCoverage, _binned  # noqa: E402
+from ..visualize import save_figure  # noqa: E402
 from .error_analysis import FP_TYPES, MatchSummary  # noqa: E402
 
 __all__ = ["plot_anchor_coverage", "plot_confusion", "plot_precision_recall"]
-
-
-def _save(fig, output: str) -> str:
-    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
-    return output
 
 
 def _coverage_curve(result: AnchorCoverage, values: np.ndarray, edges: Sequence[float], fmt: str):
@@ -63,7 +55,7 @@ def plot_anchor_coverage(
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right", fontsize=8.5, framealpha=0.95)
     fig.suptitle(title)
-    return _save(fig, output)
+    return save_figure(fig, output)
 
 
 def plot_precision_recall(
@@ -87,7 +79,7 @@ def plot_precision_recall(
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize=8.5, title="class (AP@[.5:.95])", framealpha=0.95)
     fig.suptitle(title)
-    return _save(fig, output)
+    return save_figure(fig, output)
 
 
 def plot_confusion(summary: MatchSummary, class_names: Sequence[str], output: str, title: str) -> str:
@@ -131,4 +123,4 @@ def plot_confusion(summary: MatchSummary, class_names: Sequence[str], output: st
     ax_fp.legend(loc="upper left", fontsize=9, ncol=2, framealpha=0.95)
     ax_fp.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
-    return _save(fig, output)
+    return save_figure(fig, output)
