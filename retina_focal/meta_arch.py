@@ -57,17 +57,22 @@ def _drop_empty_boxes(gt_instances: List[Instances]) -> List[Instances]:
 def _check_score_thresholds(thresh: Union[float, Sequence[float]], num_classes: int) -> Union[float, Tuple[float, ...]]:
     """The score threshold(s) of inference: a float, or one per class (config errors name the key)."""
     if isinstance(thresh, (int, float)):
-        values, key = (float(thresh),), "MODEL.RETINANET.SCORE_THRESH_TEST"
-    else:
-        values, key = tuple(float(t) for t in thresh), "MODEL.RETINA_FOCAL.CLASS_SCORE_THRESH"
-        if len(values) != num_classes:
-            raise ValueError(
-                f"{key} must have one threshold per class (MODEL.RETINANET.NUM_CLASSES = {num_classes}), "
-                f"got {len(values)}: {list(values)}"
-            )
+        _check_probabilities((thresh,), "MODEL.RETINANET.SCORE_THRESH_TEST", thresh)
+        return float(thresh)
+    values = tuple(float(t) for t in thresh)
+    key = "MODEL.RETINA_FOCAL.CLASS_SCORE_THRESH"
+    if len(values) != num_classes:
+        raise ValueError(
+            f"{key} must have one threshold per class (MODEL.RETINANET.NUM_CLASSES = {num_classes}), "
+            f"got {len(values)}: {list(values)}"
+        )
+    _check_probabilities(values, key, thresh)
+    return values
+
+
+def _check_probabilities(values: Sequence[float], key: str, given) -> None:
     if not all(0.0 <= t < 1.0 for t in values):
-        raise ValueError(f"{key} must be in [0, 1), got {thresh}")
-    return values[0] if key.endswith("SCORE_THRESH_TEST") else values
+        raise ValueError(f"{key} must be in [0, 1), got {given}")
 
 
 def _topk(values: Tensor, k: int, chunks: int = 16) -> Tuple[Tensor, Tensor]:
