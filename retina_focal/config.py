@@ -88,11 +88,23 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # Speed: each ResNet conv + frozen BatchNorm (MODEL.RESNETS.NORM FrozenBN) as one conv with
     # the BN folded into its weight and bias (retina_focal.backbone.FrozenBNFoldedConv2d).
     _C.MODEL.RETINA_FOCAL.FOLD_FROZEN_BN = True
-    # Speed, opt-in, changes numerics: backbone and head under torch.autocast(bfloat16) on
-    # any device (a CPU with AVX-512 BF16 or AMX, a GPU); losses and post-processing stay in
-    # float32. Tolerances against float32 are in docs/benchmark.md. On GPUs the usual choice
-    # for training is SOLVER.AMP.ENABLED (float16 with loss scaling).
-    _C.MODEL.RETINA_FOCAL.BF16 = False
+    # Mixed precision (retina_focal/precision.py). SOLVER.AMP.ENABLED (detectron2's key) trains
+    # under torch.autocast on any device, CUDA or CPU; its dtype: "float16" (loss scaled by a
+    # GradScaler), "bfloat16" (no scaling needed), or "auto" = float16 on CUDA, bfloat16
+    # elsewhere. Losses and post-processing stay float32 either way.
+    _C.SOLVER.AMP.PRECISION = "auto"
+    # Inference (evaluation, --eval-only, retina-focal-predict, validation losses): backbone
+    # and head under torch.autocast(TEST.AMP.PRECISION, same values as above). Off: the model
+    # opens no autocast of its own and keeps whatever autocast its caller opened.
+    _C.TEST.AMP = CN()
+    _C.TEST.AMP.ENABLED = False
+    _C.TEST.AMP.PRECISION = "auto"
+    _C.register_renamed_key(
+        "MODEL.RETINA_FOCAL.BF16",
+        "TEST.AMP.ENABLED",
+        "MODEL.RETINA_FOCAL.BF16 True is now TEST.AMP.ENABLED True TEST.AMP.PRECISION bfloat16 for "
+        "inference, and SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION bfloat16 for training",
+    )
     # Loading a checkpoint whose classifier has another number of classes is an error; True
     # loads every other weight and keeps the new classifier (fine-tuning on a new dataset).
     _C.MODEL.RETINA_FOCAL.REINIT_MISMATCHED_CLASSIFIER = False

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import weakref
-from contextlib import contextmanager
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -16,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.engine import DefaultTrainer, default_setup, hooks
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, default_setup, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
@@ -26,6 +25,7 @@ from .checkpoint import AttributeState, RetinaFocalCheckpointer
 from .config import add_retina_focal_config
 from .evaluation import evaluator_class
 from .hooks import insert_diagnostic_hooks
+from .precision import MixedPrecisionTrainer, amp_dtype
 from .data import (
     ResumableTrainLoader,
     build_resumable_train_loader,
@@ -38,6 +38,7 @@ __all__ = [
     "NonFiniteLossError",
     "RetinaFocalTrainer",
     "build_checkpointer",
+    "build_step_trainer",
     "create_ddp_model",
     "evaluate",
     "load_config",
@@ -45,9 +46,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_d2_create_ddp_model = d2_defaults.create_ddp_model
-
 
 def create_ddp_model(model, **kwargs):
     """detectron2's ``create_ddp_model`` that also works for CPU models (gloo).
@@ -57,17 +55,19 @@ def create_ddp_model(model, **kwargs):
     """
     if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
         kwargs.setdefault("device_ids", None)
-    return _d2_create_ddp_model(model, **kwargs)
+    return d2_defaults.create_ddp_model(model, **kwargs)
 
 
-@contextmanager
-def _cpu_aware_ddp():
-    """Let DefaultTrainer.__init__ (which calls the module-level function) use ours."""
-    d2_defaults.create_ddp_model = create_ddp_model
-    try:
-        yield
-    finally:
-        d2_defaults.create_ddp_model = _d2_create_ddp_model
+def build_step_trainer(cfg, model, data_loader, optimizer) -> SimpleTrainer:
+    """What runs one iteration: ``SimpleTrainer``, or with ``SOLVER.AMP.ENABLED`` the
+    :class:`~retina_focal.precision.MixedPrecisionTrainer` on ``MODEL.DEVICE``'s type in
+    ``SOLVER.AMP.PRECISION``."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return SimpleTrainer(model, data_loader, optimizer)
+    precision = amp_dtype(cfg.SOLVER.AMP.PRECISION, cfg.MODEL.DEVICE, "SOLVER.AMP.PRECISION")
+    device_type = torch.device(cfg.MODEL.DEVICE).type
+    logger.info(f"SOLVER.AMP.ENABLED: training under torch.autocast({device_type!r}, {precision})")
+    return MixedPrecisionTrainer(model, data_loader, optimizer, device_type=device_type, precision=precision)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -93,6 +93,8 @@ class RetinaFocalTrainer(DefaultTrainer):
 
     * COCOEvaluator (or the faster-coco-eval one, ``TEST.EVALUATOR``), and DDP that also
       works for CPU processes (gloo);
+    * ``SOLVER.AMP.ENABLED`` on any device, in ``SOLVER.AMP.PRECISION`` (float16 with a
+      GradScaler, or bfloat16; retina_focal/precision.py);
     * training data checked once before the first step (``retina_focal.data.checks``) and
       a data stream that ``--resume`` continues exactly (``retina_focal.data.train_stream``);
     * atomic checkpoints that also hold the EMA loss normalizer and the stream seed;
@@ -101,16 +103,27 @@ class RetinaFocalTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        with _cpu_aware_ddp():
-            super().__init__(cfg)
-        model = _unwrap(self._trainer.model)
+        """DefaultTrainer's construction, in its order, with our DDP (CPU-aware), step
+        trainer (AMP on any device) and checkpointer."""
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger was not called
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        self._trainer = build_step_trainer(cfg, create_ddp_model(model, broadcast_buffers=False), data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = build_checkpointer(cfg, self._trainer.model, trainer=weakref.proxy(self))
         self.checkpointer.add_checkpointable("loss_normalizer", AttributeState(model, ["loss_normalizer"]))
-        if isinstance(self._trainer.data_loader, ResumableTrainLoader):
-            self.checkpointer.add_checkpointable("train_stream", self._trainer.data_loader)
+        if isinstance(data_loader, ResumableTrainLoader):
+            self.checkpointer.add_checkpointable("train_stream", data_loader)
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
-        # DefaultTrainer.__init__ made a plain DetectionCheckpointer just before this call.
-        self.checkpointer = build_checkpointer(self.cfg, self._trainer.model, trainer=weakref.proxy(self))
         ret = super().build_hooks()
         for hook in ret:
             if isinstance(hook, hooks.PeriodicWriter):

@@ -221,8 +221,10 @@ def focal_loss_sum_and_grad(
         scale (float): multiplies loss and gradient (e.g. 1 / the §4.1 normalizer).
 
     Returns:
-        (Tensor, Tensor): the scalar loss (float32; float64 for float64 logits) and its
-        gradient with respect to ``logits`` (same shape and dtype).
+        (Tensor, Tensor): the scalar loss and its gradient with respect to ``logits`` (same
+        shape), both in the computation dtype: float32 (float64 for float64 logits). The
+        gradient is not rounded to a half dtype here: under AMP it is multiplied by the
+        GradScaler's scale (e.g. 65536, above float16's max 65504) before it may be cast.
     """
     num_classes = logits.shape[-1]
     x = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, num_classes)  # (M, K)
@@ -250,25 +252,35 @@ def focal_loss_sum_and_grad(
     counted_as_negative, _ = _focal_term(-x_pos, gamma)
     loss = loss + (_at(pos_weight, classes) * pos_loss).sum() - (_at(neg_weight, classes) * counted_as_negative).sum()
     grad[rows, classes] = _at(pos_weight, classes) * pos_grad * scale
-    return loss * scale, grad.reshape(logits.shape).to(logits.dtype)
+    return loss * scale, grad.reshape(logits.shape)
 
 
 class _FocalLossSum(torch.autograd.Function):
-    """scale · Σ FL with the gradient computed in the forward pass; the backward hands it on
-    (scaled by the incoming gradient when that is not 1)."""
+    """scale · Σ FL with the gradient computed in the forward pass; the backward hands it on,
+    times the incoming gradient (e.g. a GradScaler's scale) in the computation dtype, and casts
+    it to the logits' dtype once, last: a float16 gradient neither overflows at scale 65536
+    nor loses its small entries to rounding before the scale. First order only: a backward
+    with ``create_graph=True`` raises."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, gt_labels: Tensor, alpha: Alpha, gamma: float, scale: float) -> Tensor:
         loss, grad = focal_loss_sum_and_grad(logits, gt_labels, alpha, gamma, scale)
         ctx.save_for_backward(grad)
+        ctx.logits_dtype = logits.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
+        if torch.is_grad_enabled():  # backward with create_graph=True
+            raise RuntimeError(
+                "focal_loss_sum (FocalLoss) is differentiable once only: its gradient is computed in the "
+                "forward pass (Appendix B) and has no graph. For higher-order derivatives use "
+                "sigmoid_focal_loss (FocalLoss.elementwise_loss)."
+            )
         (grad,) = ctx.saved_tensors
         if not bool(grad_output == 1):  # 1 when the loss is summed with others and backpropagated
             grad = grad * grad_output.to(grad.dtype)
-        return grad, None, None, None, None
+        return grad.to(ctx.logits_dtype), None, None, None, None
 
 
 def focal_loss_sum(
@@ -705,7 +717,8 @@ def box_regression_loss(
         Tensor: scalar, not normalized.
     """
     fg_anchors = anchors.unsqueeze(0).expand_as(pred_deltas)[fg_mask]  # (P, 4)
-    fg_pred = pred_deltas[fg_mask].float()  # (P, 4)
+    fg_pred = pred_deltas[fg_mask]  # (P, 4)
+    fg_pred = fg_pred.to(torch.promote_types(fg_pred.dtype, torch.float32))  # half: in float32 (AMP)
     fg_gt = matched_gt_boxes[fg_mask]  # (P, 4)
     if loss_type == "smooth_l1":
         target = box2box_transform.get_deltas(fg_anchors, fg_gt)

@@ -10,7 +10,7 @@ preprocess → backbone (ResNet-FPN, P3–P7) → anchors → head (class + box 
 """
 import logging
 import math
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.config import configurable
@@ -36,6 +36,7 @@ from .diagnostics.assignment import (
 from .head import build_retina_focal_head
 from .losses import BOX_REG_LOSS_TYPES, box_regression_loss, build_retina_focal_loss
 from .matching import build_anchor_matcher
+from .precision import amp_dtype, autocast, full_precision
 
 __all__ = ["RetinaFocal"]
 
@@ -122,7 +123,7 @@ class RetinaFocal(nn.Module):
         max_detections_per_image: int = 100,
         class_agnostic_nms: bool = False,
         channels_last: bool = True,
-        bf16: bool = False,
+        inference_dtype: Optional[torch.dtype] = None,
         unmatched_gt_warn_fraction: float = 0.5,
         pixel_mean: Tuple[float, ...],
         pixel_std: Tuple[float, ...],
@@ -148,9 +149,10 @@ class RetinaFocal(nn.Module):
             class_agnostic_nms (bool): one NMS over all classes instead of one per class.
             channels_last (bool): run backbone and head in the channels-last (NHWC) memory
                 format (same weights and checkpoints; float rounding differs).
-            bf16 (bool): run backbone and head under ``torch.autocast(bfloat16)``; losses and
-                post-processing stay in float32. Faster (about 2x on an AVX-512 CPU), less
-                exact: see ``MODEL.RETINA_FOCAL.BF16``.
+            inference_dtype (torch.dtype or None): in eval mode, run backbone and head under
+                ``torch.autocast(device, inference_dtype)`` (``TEST.AMP``). None: open no
+                autocast, so one opened by the caller (e.g. the AMP trainer's) applies. Losses
+                and post-processing run in float32 under any autocast.
             unmatched_gt_warn_fraction (float): warn (once) when more than this share of a
                 training batch's boxes has no anchor with the foreground IoU (in [0, 1]).
             pixel_mean, pixel_std: per-channel input normalization.
@@ -184,7 +186,7 @@ class RetinaFocal(nn.Module):
         self.max_detections_per_image = max_detections_per_image
         self.class_agnostic_nms = class_agnostic_nms
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.bf16 = bf16
+        self.inference_dtype = inference_dtype
         self.unmatched_gt_warn_fraction = unmatched_gt_warn_fraction
         self._warned_unmatched_gt = False
         # per box of the last labelled batch: best anchor IoU, foreground anchors (label_anchors)
@@ -231,7 +233,9 @@ class RetinaFocal(nn.Module):
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "class_agnostic_nms": cfg.MODEL.RETINA_FOCAL.CLASS_AGNOSTIC_NMS,
             "channels_last": cfg.MODEL.RETINA_FOCAL.CHANNELS_LAST,
-            "bf16": cfg.MODEL.RETINA_FOCAL.BF16,
+            "inference_dtype": (
+                amp_dtype(cfg.TEST.AMP.PRECISION, cfg.MODEL.DEVICE, "TEST.AMP.PRECISION") if cfg.TEST.AMP.ENABLED else None
+            ),
             "unmatched_gt_warn_fraction": cfg.MODEL.RETINA_FOCAL.UNMATCHED_GT_WARN_FRACTION,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
@@ -268,18 +272,19 @@ class RetinaFocal(nn.Module):
         ]
 
     def predict(self, images: ImageList) -> Tuple[List[Boxes], List[Tensor], List[Tensor]]:
-        """Backbone, head and anchors.
+        """Backbone, head and anchors; in eval mode under ``TEST.AMP``'s autocast if enabled,
+        and always under any autocast the caller opened.
 
         Returns:
             anchors (list[Boxes]): per level (HiWiA, 4).
-            logits, deltas (list[Tensor]): per level (N, HiWiA, K) and (N, HiWiA, 4).
+            logits, deltas (list[Tensor]): per level (N, HiWiA, K) and (N, HiWiA, 4), float32
+                whatever dtype the head ran in (losses and post-processing need it).
         """
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with autocast(self.device.type, None if self.training else self.inference_dtype):
             features = self.backbone(images.tensor.contiguous(memory_format=self.memory_format))
             features = [features[f] for f in self.head_in_features]
             logits, deltas = self.head(features)
-        if self.bf16:
-            logits, deltas = [x.float() for x in logits], [x.float() for x in deltas]
+        logits, deltas = [x.float() for x in logits], [x.float() for x in deltas]
         return self.dense_outputs(features, logits, deltas)
 
     def dense_outputs(
@@ -394,16 +399,17 @@ class RetinaFocal(nn.Module):
             anchors (Tensor): (R, 4); logits (Tensor): (N, R, K); deltas (Tensor): (N, R, 4);
             gt_labels (Tensor): (N, R); gt_boxes (Tensor): (N, R, 4).
         """
-        loss_cls = self.cls_loss(logits, gt_labels, normalizer, anchors=anchors)
-        loss_box_reg = box_regression_loss(
-            anchors,
-            deltas,
-            gt_boxes,
-            self.foreground_mask(gt_labels),
-            self.box2box_transform,
-            self.box_reg_loss_type,
-            self.smooth_l1_beta,
-        )
+        with full_precision(self.device.type):  # float32 under any autocast
+            loss_cls = self.cls_loss(logits, gt_labels, normalizer, anchors=anchors)
+            loss_box_reg = box_regression_loss(
+                anchors,
+                deltas,
+                gt_boxes,
+                self.foreground_mask(gt_labels),
+                self.box2box_transform,
+                self.box_reg_loss_type,
+                self.smooth_l1_beta,
+            )
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg / normalizer}
 
     @torch.no_grad()
@@ -447,20 +453,22 @@ class RetinaFocal(nn.Module):
             logits, deltas (list[Tensor]): per level (N, HiWiA, K) and (N, HiWiA, 4).
             image_sizes (list[(int, int)]): (h, w) of each image before padding.
         """
+        with full_precision(self.device.type):  # float32 under any autocast
+            return [self._inference_single_image(anchors, logits, deltas, i, size) for i, size in enumerate(image_sizes)]
+
+    def _inference_single_image(
+        self, anchors: List[Boxes], logits: List[Tensor], deltas: List[Tensor], i: int, image_size: Tuple[int, int]
+    ) -> Instances:
+        """Image ``i``'s detections (arguments as in :meth:`inference`)."""
         logit_thresh = torch.logit(torch.as_tensor(self.test_score_thresh, dtype=logits[0].dtype, device=self.device))
-        results = []
-        for i, image_size in enumerate(image_sizes):
-            candidates = [
-                self._decode_level(a.tensor, lg[i], dl[i], logit_thresh) for a, lg, dl in zip(anchors, logits, deltas)
-            ]
-            boxes, scores, classes = (cat(parts) for parts in zip(*candidates))
-            keep = self._first_kept_by_nms(boxes, scores, classes)
-            results.append(
-                Instances(
-                    image_size, pred_boxes=Boxes(boxes[keep]), scores=scores[keep].sigmoid(), pred_classes=classes[keep]
-                )
-            )
-        return results
+        candidates = [
+            self._decode_level(a.tensor, lg[i], dl[i], logit_thresh) for a, lg, dl in zip(anchors, logits, deltas)
+        ]
+        boxes, scores, classes = (cat(parts) for parts in zip(*candidates))
+        keep = self._first_kept_by_nms(boxes, scores, classes)
+        return Instances(
+            image_size, pred_boxes=Boxes(boxes[keep]), scores=scores[keep].sigmoid(), pred_classes=classes[keep]
+        )
 
     def _decode_level(
         self, anchors: Tensor, logits: Tensor, deltas: Tensor, logit_thresh: Tensor

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 
@@ -113,3 +114,61 @@ def test_two_machines_on_localhost_give_the_same_losses_as_two_processes(two_pro
     for it in (0, 1, 2):
         for term in ("loss_cls", "loss_box_reg"):
             assert two_machines[it][term] == pytest.approx(one_machine[it][term], rel=1e-6, abs=0), (it, term)
+
+
+AMP_ITERS = ITERS_LOGGED + ["SOLVER.CHECKPOINT_PERIOD", "2"]  # model_0000001.pth after iteration 1
+
+
+@pytest.fixture(scope="module")
+def float32_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("float32"))
+    _run(["OUTPUT_DIR", out] + TINY + AMP_ITERS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def amp_runs(tmp_path_factory):
+    """{precision: (output dir, log)} of SOLVER.AMP.ENABLED runs in bfloat16 and float16."""
+    runs = {}
+    for precision in ("bfloat16", "float16"):
+        out = str(tmp_path_factory.mktemp(f"amp_{precision}"))
+        log = _run(["OUTPUT_DIR", out, "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", precision] + TINY + AMP_ITERS)
+        runs[precision] = out, log
+    return runs
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_amp_trains_on_a_cpu_writes_checkpoints_and_tracks_float32(amp_runs, float32_run, precision):
+    """SOLVER.AMP.ENABLED on a CPU (detectron2's AMPTrainer asserts CUDA): autocast in the
+    asked dtype, a checkpoint, and per-iteration losses within 5 % of a float32 run's."""
+    out, log = amp_runs[precision]
+    assert f"SOLVER.AMP.ENABLED: training under torch.autocast('cpu', torch.{precision})" in log
+    checkpoint = torch.load(os.path.join(out, "model_final.pth"), weights_only=False)
+    scaler = checkpoint["trainer"]["_trainer"].get("grad_scaler")
+    assert bool(scaler) == (precision == "float16")  # bfloat16 needs no loss scaling
+    ours, reference = losses_by_iteration(out), losses_by_iteration(float32_run)
+    assert sorted(ours) == [0, 1, 2]
+    for it in (0, 1, 2):
+        for term in ("loss_cls", "loss_box_reg"):
+            assert math.isfinite(ours[it][term])
+            print(f"{precision} iteration {it} {term}: {ours[it][term]:.5f} vs float32 {reference[it][term]:.5f}")
+            assert ours[it][term] == pytest.approx(reference[it][term], rel=0.05), (precision, it, term)
+    if precision == "float16":
+        assert {"amp/grad_scale", "amp/skipped_steps"} <= set(ours[2])
+
+
+def test_resume_of_a_float16_run_restores_the_grad_scaler(amp_runs, tmp_path):
+    """--resume from model_0000001.pth whose GradScaler state was changed: the first resumed
+    iteration runs at the saved scale (a fresh scaler would start at 65536)."""
+    out, _ = amp_runs["float16"]
+    run_dir = str(tmp_path / "resumed")
+    os.makedirs(run_dir)
+    checkpoint = torch.load(os.path.join(out, "model_0000001.pth"), weights_only=False)
+    checkpoint["trainer"]["_trainer"]["grad_scaler"].update(scale=1234.0, _growth_tracker=7)
+    torch.save(checkpoint, os.path.join(run_dir, "model_0000001.pth"))
+    with open(os.path.join(run_dir, "last_checkpoint"), "w") as f:
+        f.write("model_0000001.pth")
+    _run(["--resume", "OUTPUT_DIR", run_dir, "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "float16"] + TINY + AMP_ITERS)
+    rows = losses_by_iteration(run_dir)
+    assert sorted(rows) == [2]
+    assert rows[2]["amp/grad_scale"] == 1234.0
