@@ -7,7 +7,14 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from torch import nn
 
-__all__ = ["build_detectron2_twin", "detection_rows", "make_detections_nontrivial", "random_images", "synthetic_batch"]
+__all__ = [
+    "build_detectron2_twin",
+    "detection_rows",
+    "make_detections_nontrivial",
+    "paired_detection_rows",
+    "random_images",
+    "synthetic_batch",
+]
 
 
 def build_detectron2_twin(cfg) -> nn.Module:
@@ -64,9 +71,31 @@ def make_detections_nontrivial(model: nn.Module, inputs: List[Dict]) -> None:
 
 def detection_rows(instances: Instances) -> torch.Tensor:
     """(D, 6) [score, class, x0, y0, x1, y1] of one image's detections in a canonical order
-    (lexicographic): two implementations may order detections whose float32 scores tie
-    differently."""
+    (lexicographic)."""
     rows = torch.cat([instances.scores[:, None], instances.pred_classes[:, None].float(), instances.pred_boxes.tensor], dim=1)
     for col in reversed(range(rows.shape[1])):  # stable sorts from the last key
         rows = rows[rows[:, col].argsort(stable=True)]
     return rows
+
+
+def paired_detection_rows(a: Instances, b: Instances) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Two implementations' detections of one image as (D, 6) rows (:func:`detection_rows`), b's
+    reordered so that its row i is the detection nearest to a's row i: same class first, then
+    the smallest score + box difference. Float rounding reorders detections whose scores
+    (nearly) tie, so comparing sorted lists row by row would pair unrelated boxes.
+
+    Returns:
+        (Tensor, Tensor): a's rows; b's rows in the paired order (b's rows unchanged if the
+        counts differ).
+    """
+    a_rows, b_rows = detection_rows(a), detection_rows(b)
+    if len(a_rows) != len(b_rows) or len(a_rows) == 0:
+        return a_rows, b_rows
+    distance = (a_rows[:, None, :] - b_rows[None, :, :]).abs()  # (D, D, 6)
+    cost = distance[..., 0] + distance[..., 2:].amax(dim=-1) + 1e9 * (distance[..., 1] > 0)  # (D, D)
+    order = torch.full((len(a_rows),), -1, dtype=torch.int64)
+    for flat in cost.flatten().argsort(stable=True).tolist():  # greedy, closest pairs first
+        i, j = divmod(flat, len(b_rows))
+        if order[i] < 0 and not (order == j).any():
+            order[i] = j
+    return a_rows, b_rows[order]
