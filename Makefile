@@ -1,10 +1,11 @@
 # The README's two commands are `make demo` and `make test`; both set up .venv first.
-# `make bench` races RetinaFocal against detectron2's RetinaNet (tools/benchmark.py).
+# `make bench` races RetinaFocal against detectron2's RetinaNet (tools/benchmark.py);
+# `make gpu-check` runs the checks that need CUDA (tools/gpu_check.py; exits 0 without CUDA).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_CONFIG ?= configs/Shapes-Detection/retina_focal_R_18_FPN_demo.yaml
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench gpu-check
 
 install:
 	bash tools/install.sh
@@ -14,6 +15,9 @@ demo: install
 
 bench: install
 	$(PY) tools/benchmark.py --output-dir output/benchmark
+
+gpu-check: install
+	$(PY) tools/gpu_check.py --output-dir output/gpu_check
 
 test: install
 	$(PY) -m pytest -q

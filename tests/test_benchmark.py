@@ -19,9 +19,10 @@ def rows(tmp_path_factory):
     text = benchmark.main([
         "--device", "cpu", "--threads", "1", "--rounds", "1", "--scaling-rounds", "1", "--train-size", "64",
         "--train-batch", "1", "--sizes", "64", "--batches", "1", "--loss-anchors", "3000",
-        "--output-dir", str(out), *TINY,
+        "--amp", "on", "--output-dir", str(out), *TINY,
     ])
     assert "| section | case |" in text and (out / "results.md").read_text() == text
+    assert "avx512_bf16" in text and "amx_bf16" in text and "torch CPU capability" in text  # the CPU's flags
     with open(out / "results.csv") as f:
         return list(csv.DictReader(f))
 
@@ -34,8 +35,8 @@ def test_every_section_races_both_implementations(rows):
     both = {benchmark.OURS, benchmark.THEIRS}
     for section in ("memory", "scaling"):
         assert {r["implementation"] for r in _rows(rows, section)} == both, section
-    for section in ("train", "inference"):  # + the opt-in bf16 model, end to end
-        assert {r["implementation"] for r in _rows(rows, section)} == both | {benchmark.OURS_BF16}, section
+    for section in ("train", "inference"):  # + the opt-in mixed-precision model, end to end
+        assert {r["implementation"] for r in _rows(rows, section)} == both | {benchmark.OURS_AMP}, section
     cases = {r["case"] for r in _rows(rows, "inference")}
     assert {c.split(",")[0] for c in cases} == {"end to end", "backbone + FPN", "head", "post-processing"}
     for r in rows:

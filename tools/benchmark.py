@@ -12,14 +12,16 @@ alternate within each round, so machine noise hits both):
   ours elementwise (``sigmoid_focal_loss``) and ours fused (``FocalLoss``), with the largest
   difference of value and gradient from fvcore's;
 * ``train``: one training step (forward, backward, SGD step), batch 2 at 512x512, 4 boxes
-  per image; also RetinaFocal with the opt-in ``MODEL.RETINA_FOCAL.BF16``;
+  per image; also RetinaFocal under mixed precision (``--amp``: the autocast and GradScaler
+  of ``SOLVER.AMP.ENABLED``);
 * ``inference``: batch 1 at 512x512, end to end and split into backbone + FPN, head and
   post-processing (anchors, decode, top-k, NMS, rescaling); also checks that both return
-  the same detections (and how far the BF16 model's are);
+  the same detections (and how far the mixed-precision model's are, ``TEST.AMP.ENABLED``);
 * ``memory``: peak memory of a training step above the memory held before it (resident set
   size of a fresh process per implementation, large allocations returned to the system);
 * ``scaling``: training step time and peak memory for each image size x batch size.
 
+The header names the CPU and the ISA flags that decide low-precision speed (AVX512-BF16, AMX).
 Writes ``results.md`` and ``results.csv`` to ``--output-dir``. Weights are the §4.1
 initialization (no download), with the output convs redrawn for the inference section so
 there are detections to post-process.
@@ -28,13 +30,12 @@ import argparse
 import csv
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -49,16 +50,17 @@ from torchvision.ops import sigmoid_focal_loss as torchvision_focal_loss  # noqa
 from retina_focal.engine import load_config  # noqa: E402
 from retina_focal.losses import FocalLoss, sigmoid_focal_loss  # noqa: E402
 from retina_focal.meta_arch import RetinaFocal  # noqa: E402
+from retina_focal.precision import amp_dtype, autocast, cpu_description, cpu_has_bf16_kernels  # noqa: E402
 from retina_focal.testing import (  # noqa: E402
     build_detectron2_twin,
-    detection_rows,
+    paired_detection_rows,
     make_detections_nontrivial,
     synthetic_batch,
 )
 
 DEFAULT_CONFIG = "configs/COCO-Detection/retina_focal_R_50_FPN_1x.yaml"
 SECTIONS = ("loss", "train", "inference", "memory", "scaling")
-OURS, THEIRS, OURS_BF16 = "RetinaFocal", "detectron2 RetinaNet", "RetinaFocal BF16 (opt-in)"
+OURS, THEIRS, OURS_AMP = "RetinaFocal", "detectron2 RetinaNet", "RetinaFocal AMP (opt-in)"
 
 
 def parse_args(argv=None):
@@ -77,25 +79,38 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default="output/benchmark")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of one "
                    "training step and one inference of each implementation")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
+                   help="race RetinaFocal under mixed precision too; auto: on CUDA, and on a CPU with "
+                   "bfloat16 kernels (AVX512-BF16 or AMX; elsewhere bfloat16 is emulated and slow)")
+    p.add_argument("--amp-precision", default="auto", help="float16 | bfloat16 | auto (as SOLVER.AMP.PRECISION)")
     p.add_argument("--memory-worker", choices=[OURS, THEIRS], help=argparse.SUPPRESS)
     p.add_argument("--shapes", default="", help=argparse.SUPPRESS)  # memory worker: "size:batch,..."
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
     return p.parse_args(argv)
 
 
-def build_pair(args, bf16: bool = False):
-    """(cfg, {name: model}) with identical weights; with ``bf16`` also RetinaFocal with
-    ``MODEL.RETINA_FOCAL.BF16 True``."""
+def amp_precision(args) -> Optional[torch.dtype]:
+    """The dtype of the mixed-precision rows, or None when ``--amp`` leaves them out."""
+    if args.amp == "off" or (args.amp == "auto" and torch.device(args.device).type == "cpu" and not cpu_has_bf16_kernels()):
+        return None
+    return amp_dtype(args.amp_precision, args.device, "--amp-precision")
+
+
+def build_pair(args, amp: bool = False):
+    """(cfg, {name: model}) with identical weights; with ``amp`` (and ``amp_precision``) also
+    RetinaFocal with ``TEST.AMP.ENABLED`` in that precision."""
     cfg = load_config(args.config_file, ["MODEL.DEVICE", args.device, *args.opts])
     torch.manual_seed(0)
     models = {THEIRS: build_detectron2_twin(cfg), OURS: build_model(cfg)}
-    if bf16:
-        bf16_cfg = cfg.clone()
-        bf16_cfg.MODEL.RETINA_FOCAL.BF16 = True
-        models[OURS_BF16] = build_model(bf16_cfg)
+    precision = amp_precision(args) if amp else None
+    if precision is not None:
+        amp_cfg = cfg.clone()
+        amp_cfg.TEST.AMP.ENABLED = True
+        amp_cfg.TEST.AMP.PRECISION = args.amp_precision
+        models[OURS_AMP] = build_model(amp_cfg)
     for name, model in models.items():
         model.load_state_dict(models[THEIRS].state_dict(), strict=True)
-    return cfg, {name: models[name] for name in (OURS, THEIRS, OURS_BF16) if name in models}
+    return cfg, {name: models[name] for name in (OURS, THEIRS, OURS_AMP) if name in models}
 
 
 def _sync(device: torch.device) -> None:
@@ -120,16 +135,21 @@ def race(fns: Dict[str, Callable[[], object]], rounds: int, device: torch.device
     return times
 
 
-def train_step_fn(model, inputs) -> Callable[[], None]:
+def train_step_fn(model, inputs, precision: Optional[torch.dtype] = None) -> Callable[[], None]:
+    """One SGD step on ``inputs``; with ``precision``, as SOLVER.AMP.ENABLED trains: the forward
+    under ``torch.autocast(device, precision)``, the loss scaled by a GradScaler for float16."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     model.train()
+    device_type = model.device.type
+    scaler = torch.amp.GradScaler(device_type, enabled=precision == torch.float16)
 
     def step():
-        with EventStorage():
+        with EventStorage(), autocast(device_type, precision):
             losses = model(inputs)
         optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
+        scaler.scale(sum(losses.values())).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     return step
 
@@ -225,9 +245,10 @@ def print_profiles(fns: Dict[str, Callable[[], object]], title: str, rows: int =
 
 
 def bench_train(args, report: Report, device: torch.device) -> None:
-    cfg, models = build_pair(args, bf16=True)
+    cfg, models = build_pair(args, amp=True)
     inputs = synthetic_batch(args.train_batch, args.train_size, cfg.MODEL.RETINANET.NUM_CLASSES)
-    steps = {name: train_step_fn(m, inputs) for name, m in models.items()}
+    precisions = {OURS_AMP: amp_precision(args)}
+    steps = {name: train_step_fn(m, inputs, precisions.get(name)) for name, m in models.items()}
     if args.profile:
         print_profiles(steps, f"train step, batch {args.train_batch} @ {args.train_size}px")
     times = race(steps, args.rounds, device)
@@ -242,7 +263,7 @@ def _matched_share(a: torch.Tensor, b: torch.Tensor) -> str:
 
 
 def _same_detections(a, b) -> str:
-    a, b = detection_rows(a[0]["instances"]), detection_rows(b[0]["instances"])
+    a, b = paired_detection_rows(a[0]["instances"], b[0]["instances"])
     if a.shape != b.shape or not torch.equal(a[:, 1], b[:, 1]):
         return f"different detections: {_matched_share(a, b)}"
     diff = (a - b).abs().amax(dim=0) if len(a) else torch.zeros(6)
@@ -251,13 +272,13 @@ def _same_detections(a, b) -> str:
 
 @torch.no_grad()
 def bench_inference(args, report: Report, device: torch.device) -> None:
-    _, models = build_pair(args, bf16=True)
+    _, models = build_pair(args, amp=True)
     theirs = models[THEIRS].eval()
     inputs = [{"image": x["image"]} for x in synthetic_batch(1, args.train_size, 1, seed=1)]
     make_detections_nontrivial(theirs, inputs)
     reference = theirs(inputs)
     notes = {}
-    for name in (OURS, OURS_BF16):
+    for name in (n for n in (OURS, OURS_AMP) if n in models):
         models[name].load_state_dict(theirs.state_dict())
         notes[name] = _same_detections(models[name].eval()(inputs), reference)
         print(f"[inference] {name} vs {THEIRS}: {notes[name]}", flush=True)
@@ -371,7 +392,7 @@ def run(args, argv) -> str:
     cfg = load_config(args.config_file, ["MODEL.DEVICE", args.device, *args.opts])
     device = torch.device(cfg.MODEL.DEVICE)
     header = (f"Benchmark: `python tools/benchmark.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-              f"{args.config_file}, {cfg.MODEL.DEVICE}, {platform.processor() or platform.machine()}, "
+              f"{args.config_file}, {cfg.MODEL.DEVICE}, {cpu_description()}, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds "
               f"(scaling: {args.scaling_rounds}); ratio = this implementation / the reference row.")
     print(header, flush=True)

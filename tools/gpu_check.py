@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""The checks that need a GPU, in one run of a few minutes (`make gpu-check`).
+
+    python tools/gpu_check.py --output-dir output/gpu_check     # on a machine with CUDA
+    python tools/gpu_check.py --device cpu --tiny ...           # the same code on a CPU, tiny sizes (tests)
+
+1. **Parity on the device**: detectron2's ``RetinaNet`` and ``RetinaFocal`` with the same
+   weights (R-50-FPN, 80 classes, output convs redrawn so there are detections) on the same
+   two images: same classes, largest score and box difference, with the speed-ups on
+   (channels-last, folded frozen BN) and off.
+2. **AMP training**: ``--iters`` iterations with ``SOLVER.AMP.ENABLED`` (float16 + GradScaler,
+   :class:`retina_focal.precision.MixedPrecisionTrainer`) and in float32 from the same weights
+   on the same synthetic batches: losses, the GradScaler's scale, skipped steps.
+3. **Speed**: ``tools/benchmark.py``'s loss, train and inference sections on the device (CUDA
+   synchronized around every timing): the focal loss (120k anchors x 80, fwd + bwd) against
+   fvcore's; a training step (batch 8 @ 800 px) and inference (batch 1 @ 800 px) against
+   detectron2's RetinaNet, with RetinaFocal under AMP as a third row.
+
+Writes ``gpu_check.md`` (and the benchmark's ``results.md``/``results.csv``) to
+``--output-dir``. Without CUDA (and without ``--device cpu``) it says so and exits 0.
+"""
+import argparse
+import contextlib
+import itertools
+import os
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark  # noqa: E402  (tools/benchmark.py)
+from detectron2.engine import SimpleTrainer  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+from retina_focal.engine import load_config  # noqa: E402
+from retina_focal.precision import MixedPrecisionTrainer, cpu_description  # noqa: E402
+from retina_focal.testing import (  # noqa: E402
+    build_detectron2_twin,
+    make_detections_nontrivial,
+    paired_detection_rows,
+    random_images,
+    synthetic_batch,
+)
+
+CONFIG = "configs/COCO-Detection/retina_focal_R_50_FPN_1x.yaml"
+TINY = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.FPN.OUT_CHANNELS", "64"]
+# Tolerances of the parity check (float32, TF32 off): with the speed-ups on, other kernels
+# round differently; with them off the kernels are the same and only the sigmoid of the kept
+# logits may round differently.
+SCORE_TOL, BOX_TOL_PX = 1e-3, 0.1
+STD_INPUTS = ["MODEL.PIXEL_STD", "[57.375, 57.12, 58.395]"]  # unit-variance inputs: no ImageNet weights here
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config-file", default=CONFIG)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="ResNet-18, 64 px, 3 iterations: a test of this script")
+    p.add_argument("--iters", type=int, default=50, help="training iterations per precision")
+    p.add_argument("--output-dir", default="output/gpu_check")
+    return p.parse_args(argv)
+
+
+def _sizes(args) -> Dict[str, int]:
+    if args.tiny:
+        return {"image": 64, "train_batch": 2, "iters": min(args.iters, 3), "rounds": 1, "loss_anchors": 3000}
+    return {"image": 800, "train_batch": 8, "iters": args.iters, "rounds": 5, "loss_anchors": 120_000}
+
+
+def _cfg(args, *opts):
+    return load_config(args.config_file, ["MODEL.DEVICE", args.device, *(TINY if args.tiny else []), *STD_INPUTS, *opts])
+
+
+def machine_description(device: torch.device) -> str:
+    gpu = ""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu = f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}; "
+    return f"{gpu}torch {torch.__version__}; CPU: {cpu_description()}"
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """float32 convolutions and matmuls on CUDA (PyTorch runs cuDNN convs in TF32 by default,
+    whose 10-bit mantissa would hide a real difference between the two implementations)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@torch.no_grad()
+@_no_tf32()
+def check_parity(args, sizes) -> List[str]:
+    """Markdown rows: speed-ups, detections, same classes, max score / box difference, pass."""
+    side = sizes["image"]
+    images = random_images([(side, int(side * 1.25)), (int(side * 0.75), side)], seed=3)
+    inputs = [{"image": im} for im in images]
+    rows = []
+    for speed_ups in (True, False):
+        cfg = _cfg(args, "MODEL.RETINA_FOCAL.CHANNELS_LAST", str(speed_ups), "MODEL.RETINA_FOCAL.FOLD_FROZEN_BN", str(speed_ups))
+        torch.manual_seed(0)
+        theirs = build_detectron2_twin(cfg).eval()
+        make_detections_nontrivial(theirs, inputs)
+        ours = build_model(cfg).eval()
+        ours.load_state_dict(theirs.state_dict(), strict=True)
+        count, same, score_diff, box_diff = 0, True, 0.0, 0.0
+        for a, b in zip(ours(inputs), theirs(inputs)):
+            x, y = paired_detection_rows(a["instances"].to("cpu"), b["instances"].to("cpu"))
+            same = same and len(x) == len(y) and torch.equal(x[:, 1], y[:, 1])
+            if len(x) and len(x) == len(y):
+                score_diff = max(score_diff, (x[:, 0] - y[:, 0]).abs().max().item())
+                box_diff = max(box_diff, (x[:, 2:] - y[:, 2:]).abs().max().item())
+            count += len(x)
+        ok = same and count > 0 and score_diff <= SCORE_TOL and box_diff <= BOX_TOL_PX
+        rows.append(f"| {'on' if speed_ups else 'off'} | {count} | {'yes' if same else 'no'} | {score_diff:.1e} "
+                    f"| {box_diff:.1e} | {'PASS' if ok else 'FAIL'} |")
+        print(f"[parity] speed-ups {speed_ups}: {rows[-1]}", flush=True)
+    return rows
+
+
+def _batches(cfg, sizes, count: int = 4):
+    """An endless cycle over ``count`` fixed synthetic training batches."""
+    batches = [
+        synthetic_batch(sizes["train_batch"], sizes["image"], cfg.MODEL.RETINANET.NUM_CLASSES, seed=s) for s in range(count)
+    ]
+    return itertools.cycle(batches)
+
+
+def train_losses(args, sizes, precision: Optional[torch.dtype]) -> Dict[str, List[float]]:
+    """Per-iteration total loss (and, for float16, the scale and skipped steps) of ``iters``
+    SGD steps from the same initial weights on the same batches."""
+    cfg = _cfg(args)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    loader = _batches(cfg, sizes)
+    if precision is None:
+        trainer = SimpleTrainer(model, loader, optimizer)
+    else:
+        trainer = MixedPrecisionTrainer(model, loader, optimizer, device_type=model.device.type, precision=precision)
+    start = time.perf_counter()
+    with EventStorage() as storage:
+        for it in range(sizes["iters"]):
+            storage.iter = trainer.iter = it
+            trainer.run_step()
+            storage.step()
+    seconds = time.perf_counter() - start
+    history = storage.histories()
+    out = {"total_loss": [v for v, _ in history["total_loss"].values()], "seconds": [seconds]}
+    for key in ("amp/grad_scale", "amp/skipped_steps"):
+        if key in history:
+            out[key] = [v for v, _ in history[key].values()]
+    return out
+
+
+def amp_training_rows(args, sizes) -> List[str]:
+    float32 = train_losses(args, sizes, None)
+    float16 = train_losses(args, sizes, torch.float16)
+    n = len(float32["total_loss"])
+    tail = max(1, n // 5)
+    rows = []
+    for name, run in (("float32", float32), ("AMP float16", float16)):
+        losses = run["total_loss"]
+        scales = run.get("amp/grad_scale", [])
+        skipped = int(run["amp/skipped_steps"][-1]) if "amp/skipped_steps" in run else 0
+        scale_text = f"{scales[0]:.0f} → {scales[-1]:.0f}" if scales else "–"
+        rows.append(f"| {name} | {losses[0]:.4f} | {statistics.mean(losses[-tail:]):.4f} | {scale_text} | {skipped} "
+                    f"| {run['seconds'][0]:.1f} |")
+        print(f"[amp] {rows[-1]}", flush=True)
+    relative = [abs(a - b) / abs(b) for a, b in zip(float16["total_loss"], float32["total_loss"])]
+    rows.append(f"\nlargest per-iteration |AMP − float32| / float32 of the total loss: {max(relative):.2%} "
+                f"(median {statistics.median(relative):.2%}) over {n} iterations")
+    return rows
+
+
+def speed_table(args, sizes) -> str:
+    out = os.path.join(args.output_dir, "benchmark")
+    argv = ["--device", args.device, "--config-file", args.config_file, "--sections", "loss", "train", "inference",
+            "--train-size", str(sizes["image"]), "--train-batch", str(sizes["train_batch"]), "--amp", "on",
+            "--rounds", str(sizes["rounds"]), "--loss-anchors", str(sizes["loss_anchors"]), "--output-dir", out]
+    if args.tiny:
+        argv += ["--threads", "1", *TINY]
+    return benchmark.main(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device on this machine; nothing to check (exit 0). "
+              "Run it where `torch.cuda.is_available()` is True, or with --device cpu --tiny to test the script.")
+        return 0
+    sizes = _sizes(args)
+    start = time.perf_counter()
+    print(f"gpu_check on {machine_description(device)}", flush=True)
+    parity = check_parity(args, sizes)
+    amp = amp_training_rows(args, sizes)
+    speed = speed_table(args, sizes)
+    text = "\n".join([
+        f"# GPU check: `python tools/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        "", f"Machine: {machine_description(device)}. Config: {args.config_file}{' (tiny)' if args.tiny else ''}.", "",
+        f"## 1. Parity with detectron2's RetinaNet on {args.device} (same weights, 2 images)", "",
+        f"Tolerances: classes equal, scores within {SCORE_TOL:g}, boxes within {BOX_TOL_PX:g} px.", "",
+        "| speed-ups | detections | same classes | max score diff | max box diff (px) | |", "|---|---:|---|---:|---:|---|",
+        *parity, "",
+        f"## 2. Training, {sizes['iters']} iterations, batch {sizes['train_batch']} @ {sizes['image']} px, same start and batches",
+        "", "| precision | first loss | mean loss, last 20 % | GradScaler scale (first → last) | skipped steps | seconds |",
+        "|---|---:|---:|---|---:|---:|", *amp, "",
+        "## 3. Speed (tools/benchmark.py on the device)", "", speed,
+        f"Whole check: {time.perf_counter() - start:.0f} s.",
+    ])
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, "gpu_check.md")
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    print(text + f"\nwritten to {path}")
+    return 1 if any("FAIL" in row for row in parity) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
