@@ -112,6 +112,19 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # Iterations between two rows of metrics.json / the console log; each row holds the
     # median of the iterations since the previous one (1 = every iteration's own values).
     _C.SOLVER.LOG_PERIOD = 20
+    # Image files of the training and test sets, checked once before they are used (skipped
+    # with a warning that names each file): "quick" = header and end marker (a truncated
+    # JPEG/PNG has lost it; ~0.1 ms per image), "full" = decode every pixel, "none" = off.
+    # Images too elongated for the resize (a side would become 0 px) are skipped too.
+    _C.DATALOADER.CHECK_IMAGES = "quick"
+    # --resume refuses a run whose SOLVER.IMS_PER_BATCH, number of processes, MAX_ITER, STEPS
+    # or training sets differ from the checkpoint's (the data stream and the LR schedule depend
+    # on them). True: resume anyway; the stream continues at the number of images seen.
+    _C.RESUME = CN()
+    _C.RESUME.ALLOW_CHANGES = False
+    # --resume from this checkpoint (a file name in OUTPUT_DIR, or a path) instead of the one
+    # named in OUTPUT_DIR/last_checkpoint, e.g. the previous one when the last is truncated.
+    _C.RESUME.CHECKPOINT = ""
     # Bitwise-reproducible training: deterministic kernels (torch.use_deterministic_algorithms,
     # cuDNN without autotuning) and a fixed SEED (must be >= 0). See docs/reliability.md.
     _C.DETERMINISTIC = False

@@ -14,14 +14,20 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetMapper,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, default_setup, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from detectron2.utils.logger import setup_logger
 
-from .checkpoint import AttributeState, RetinaFocalCheckpointer
+from .checkpoint import AttributeState, RetinaFocalCheckpointer, RunFacts, load_inference_weights
 from .config import add_retina_focal_config
 from .evaluation import evaluator_class
 from .hooks import insert_diagnostic_hooks
@@ -31,6 +37,8 @@ from .data import (
     build_resumable_train_loader,
     check_dataset_dicts,
     check_num_classes,
+    drop_unusable_images,
+    image_check_args,
     register_builtin_shapes,
 )
 
@@ -39,6 +47,7 @@ __all__ = [
     "RetinaFocalTrainer",
     "build_checkpointer",
     "build_step_trainer",
+    "run_facts",
     "create_ddp_model",
     "evaluate",
     "load_config",
@@ -116,6 +125,7 @@ class RetinaFocalTrainer(DefaultTrainer):
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = build_checkpointer(cfg, self._trainer.model, trainer=weakref.proxy(self))
         self.checkpointer.add_checkpointable("loss_normalizer", AttributeState(model, ["loss_normalizer"]))
+        self.checkpointer.add_checkpointable("run_facts", RunFacts(run_facts(cfg, data_loader), cfg.RESUME.ALLOW_CHANGES))
         if isinstance(data_loader, ResumableTrainLoader):
             self.checkpointer.add_checkpointable("train_stream", data_loader)
         self.start_iter = 0
@@ -140,7 +150,17 @@ class RetinaFocalTrainer(DefaultTrainer):
         ]
 
     def resume_or_load(self, resume: bool = True):
-        super().resume_or_load(resume=resume)
+        """detectron2's, plus ``RESUME.CHECKPOINT`` (resume from that file instead of the one
+        ``last_checkpoint`` names), and the data stream started where the run stopped."""
+        chosen = self.cfg.RESUME.CHECKPOINT
+        if resume and chosen:
+            path = chosen if os.path.isabs(chosen) else os.path.join(self.cfg.OUTPUT_DIR, chosen)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"RESUME.CHECKPOINT {chosen!r}: no such file {path}")
+            self.checkpointer.load(path)  # the model and every checkpointable
+            self.start_iter = self.iter + 1
+        else:
+            super().resume_or_load(resume=resume)
         if isinstance(self._trainer.data_loader, ResumableTrainLoader):
             self._trainer.data_loader.start_at(self.start_iter)
 
@@ -169,6 +189,7 @@ class RetinaFocalTrainer(DefaultTrainer):
         num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
         check_num_classes(num_classes, names)
         check_dataset_dicts(dicts, num_classes, names)
+        dicts = drop_unusable_images(dicts, names, **image_check_args(cfg, is_train=True))
         mapper = DatasetMapper(cfg, is_train=True)
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
             logger.warning(
@@ -186,6 +207,16 @@ class RetinaFocalTrainer(DefaultTrainer):
         )
 
     @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's test loader over the images of ``dataset_name`` that can be used
+        (``DATALOADER.CHECK_IMAGES``); the evaluator then scores the images it saw."""
+        dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+        dicts = drop_unusable_images(dicts, [dataset_name], **image_check_args(cfg, is_train=False))
+        return build_detection_test_loader(
+            dataset=dicts, mapper=DatasetMapper(cfg, is_train=False), num_workers=cfg.DATALOADER.NUM_WORKERS
+        )
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         DatasetCatalog.get(dataset_name)  # datasets generated on first use must exist now
@@ -193,6 +224,19 @@ class RetinaFocalTrainer(DefaultTrainer):
         return evaluator_class(cfg.TEST.EVALUATOR)(
             dataset_name, output_dir=output_folder, score_thresh=cfg.MODEL.RETINANET.SCORE_THRESH_TEST
         )
+
+
+def run_facts(cfg, data_loader) -> Dict:
+    """What the data stream and the LR schedule depend on, as :class:`RunFacts` records it in
+    every checkpoint (values after detectron2's rescaling for the number of processes)."""
+    return {
+        "SOLVER.IMS_PER_BATCH": cfg.SOLVER.IMS_PER_BATCH,
+        "number of processes": comm.get_world_size(),
+        "SOLVER.MAX_ITER": cfg.SOLVER.MAX_ITER,
+        "SOLVER.STEPS": cfg.SOLVER.STEPS,
+        "DATASETS.TRAIN": cfg.DATASETS.TRAIN,
+        "training images": len(data_loader.dataset) if isinstance(data_loader, ResumableTrainLoader) else None,
+    }
 
 
 def non_finite_loss_report(model, data_loader, optimizer) -> Dict:
@@ -290,7 +334,8 @@ def _share_cpu_threads(cfg) -> None:
 
 
 def evaluate(cfg):
-    """``--eval-only``: load ``MODEL.WEIGHTS`` and run the test sets through COCOEvaluator."""
+    """``--eval-only``: load ``MODEL.WEIGHTS`` (all of the model's tensors must be in it) and
+    run the test sets through COCOEvaluator."""
     model = RetinaFocalTrainer.build_model(cfg)
-    build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    load_inference_weights(model, cfg.MODEL.WEIGHTS)
     return RetinaFocalTrainer.test(cfg, model)

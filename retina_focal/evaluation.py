@@ -90,6 +90,8 @@ class RetinaFocalCOCOEvaluator(COCOEvaluator):
                 COCO-format result dicts}.
             img_ids (list[int] or None): images to evaluate; None means all predicted ones.
         """
+        if img_ids is None and self._do_evaluation:
+            img_ids = self._predicted_images(predictions)
         super()._eval_predictions(predictions, img_ids=img_ids)
         if not self._do_evaluation:
             return
@@ -98,6 +100,21 @@ class RetinaFocalCOCOEvaluator(COCOEvaluator):
             logger.warning(self._no_detections_note(len(image_ids)))
         if _count_ground_truth(self._coco_api, image_ids) == 0:
             logger.warning(self._no_ground_truth_note(len(image_ids)))
+
+    def _predicted_images(self, predictions: List[Dict]) -> Optional[List[int]]:
+        """None (all images of the ground truth) when every one was predicted; else the
+        predicted ones, with a warning: images the model never saw (left out as unusable,
+        ``DATALOADER.CHECK_IMAGES``) would otherwise count as all-missed."""
+        predicted = {p["image_id"] for p in predictions}
+        all_images = set(self._coco_api.getImgIds())
+        if predicted >= all_images:
+            return None
+        logger.warning(
+            f"RetinaFocalCOCOEvaluator: {len(all_images - predicted)} of the {len(all_images)} images of "
+            f"'{self._dataset_name}' were not predicted (see the warning that left them out); AP is over the "
+            f"{len(predicted & all_images)} predicted images"
+        )
+        return sorted(predicted & all_images)
 
     def _no_detections_note(self, num_images: int) -> str:
         thresh = "" if self._score_thresh is None else f" (= {self._score_thresh:g} here)"

@@ -21,6 +21,8 @@ from detectron2.structures import Boxes
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
+from .data.checks import drop_unusable_images, image_check_args
+
 __all__ = ["ValidationLoss", "build_validation_loader", "insert_diagnostic_hooks", "validation_losses"]
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ def build_validation_loader(cfg) -> Iterable[List[Dict]]:
     (``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST``, no flip): the first ``TEST.VAL_LOSS_NUM_IMAGES``
     (0 = all), ``SOLVER.IMS_PER_BATCH`` per batch over all processes, sharded like inference."""
     dicts = get_detection_dataset_dicts(cfg.DATASETS.TEST, filter_empty=False)
+    dicts = drop_unusable_images(dicts, cfg.DATASETS.TEST, **image_check_args(cfg, is_train=False))
     if cfg.TEST.VAL_LOSS_NUM_IMAGES > 0:
         dicts = dicts[: cfg.TEST.VAL_LOSS_NUM_IMAGES]
     mapper = DatasetMapper(

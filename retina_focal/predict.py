@@ -19,15 +19,21 @@ for video frames, ``frame``. Inference options are config keys given as ``KEY VA
 are padded to a common size (detectron2's ``ImageList``), which changes the scores slightly
 from those of one image at a time.
 
-A missing path, an unreadable image or video is reported and skipped; the others are
-processed and a summary lists what was skipped (exit status 1). Weights that do not fit the
-config (e.g. another ``NUM_CLASSES``) stop the run with the checkpointer's message (exit
-status 2).
+Every image is decoded to its last pixel when it is read (detectron2's ``read_image``: a
+truncated JPEG is an error, not a half-grey picture) and must survive the test-time resize
+(a 1 x 2000 px image would become 0 px high). A missing path, an image or video that cannot be
+used, or a batch on which the model raises, is reported and skipped; the others are processed,
+``results.json`` is written even if the run is interrupted, and a summary lists what was
+skipped (exit status 1). Arguments that fit nothing stop the run before it starts (exit status
+2): weights that do not fit the config (every model tensor must be in the checkpoint; e.g.
+another ``NUM_CLASSES``), an empty ``MODEL.WEIGHTS``, ``--confidence`` outside [0, 1], an
+output folder that cannot be written, or inputs that hold no image or video at all.
 """
 import argparse
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -42,7 +48,8 @@ from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 from tqdm import tqdm
 
-from .checkpoint import RetinaFocalCheckpointer
+from .checkpoint import load_inference_weights
+from .data.checks import UnusableImageError, read_usable_image, resize_problem
 from .engine import load_config
 
 __all__ = [
@@ -59,13 +66,11 @@ def load_model(cfg) -> torch.nn.Module:
 
     Raises:
         FileNotFoundError: MODEL.WEIGHTS is empty or names no file.
-        ValueError: the weights do not fit the config (RetinaFocalCheckpointer's message).
+        ValueError: the weights do not fit the config: a model tensor is not in them, or the
+            file is unreadable (RetinaFocalCheckpointer's message).
     """
-    weights = cfg.MODEL.WEIGHTS
-    if not weights or ("://" not in weights and not os.path.isfile(weights)):
-        raise FileNotFoundError(f"MODEL.WEIGHTS {weights!r}: no such file; pass MODEL.WEIGHTS path/to/model_final.pth")
     model = build_model(cfg).eval()
-    RetinaFocalCheckpointer(model).load(weights)
+    load_inference_weights(model, cfg.MODEL.WEIGHTS)
     return model
 
 
@@ -74,7 +79,7 @@ def model_input(cfg, image_bgr: np.ndarray) -> torch.Tensor:
     short side resized to ``INPUT.MIN_SIZE_TEST`` (long side at most ``INPUT.MAX_SIZE_TEST``).
 
     Args:
-        image_bgr: (H0, W0, 3) uint8 BGR (``cv2.imread``).
+        image_bgr: (H0, W0, 3) uint8 BGR (``read_usable_image``, ``cv2.imread``).
 
     Returns:
         (3, H, W) float32, values 0-255.
@@ -148,12 +153,15 @@ def _folder_images(folder: str, output_dir: str) -> Iterator[Tuple[str, str]]:
 
 def find_inputs(paths: Iterable[str], output_dir: str) -> Inputs:
     """Expand files and folders into images and videos, each with the path its drawing goes
-    to; record missing paths and files of other types as skipped."""
+    to; record missing paths, files of other types and folders without images as skipped."""
     found = Inputs()
     for path in paths:
         kind = _kind(path)
         if os.path.isdir(path):
-            found.images.extend(_folder_images(path, output_dir))
+            images = list(_folder_images(path, output_dir))
+            if not images:
+                _skip(found.skipped, path, f"folder holds no image ({' '.join(IMAGE_EXTENSIONS)}), recursively")
+            found.images.extend(images)
         elif not os.path.isfile(path):
             _skip(found.skipped, path, "no such file or folder")
         elif kind is None:
@@ -177,11 +185,29 @@ def _write_image(out_path: str) -> Callable[[np.ndarray], None]:
 
 def _image_frames(images: List[Tuple[str, str]], skipped: List[Tuple[str, str]]) -> Iterator[Frame]:
     for path, out_path in images:
-        image = cv2.imread(path, cv2.IMREAD_COLOR)  # None when the file cannot be decoded
-        if image is None:
-            _skip(skipped, path, "cannot be read as an image")
+        try:
+            image = read_usable_image(path)  # decoded to the last pixel
+        except (FileNotFoundError, UnusableImageError) as e:
+            _skip(skipped, path, str(e) if isinstance(e, UnusableImageError) else "no such file")
             continue
         yield Frame(path, image, _write_image(out_path))
+
+
+def _resizable(cfg, frames: Iterable[Frame], skipped: List[Tuple[str, str]]) -> Iterator[Frame]:
+    """The frames that survive the test-time resize (:func:`model_input`); the others skipped."""
+    for frame in frames:
+        height, width = frame.image.shape[:2]
+        problem = resize_problem(
+            height, width, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST"
+        )
+        if problem is None:
+            yield frame
+        else:
+            _skip(skipped, _frame_name(frame), problem)
+
+
+def _frame_name(frame: Frame) -> str:
+    return frame.file_name if frame.frame is None else f"{frame.file_name} (frame {frame.frame})"
 
 
 class _VideoWriter:
@@ -247,10 +273,10 @@ class _Results:
     """COCO-format results of all frames; category ids mapped back to the dataset's ids
     (e.g. COCO's 1..90) when the metadata has them, as COCOEvaluator does."""
 
-    def __init__(self, metadata):
+    def __init__(self, metadata, items: List[Dict]):
         mapping = metadata.get("thing_dataset_id_to_contiguous_id", None)
         self._dataset_id = {v: k for k, v in mapping.items()} if mapping else None
-        self.items: List[Dict] = []
+        self.items = items
         self.num_images = 0
 
     def add(self, frame: Frame, instances: Instances) -> None:
@@ -264,6 +290,18 @@ class _Results:
             self.items.append(result)
 
 
+def _predict_batch(predictor: BatchPredictor, batch: List[Frame], skipped: List[Tuple[str, str]]):
+    """[(frame, instances)] of ``batch``; if the model raises, the frames one by one, and a
+    frame on which it still raises is skipped with the error."""
+    try:
+        return list(zip(batch, predictor([f.image for f in batch])))
+    except Exception as e:  # e.g. out of memory on one huge image: the run goes on
+        if len(batch) == 1:
+            _skip(skipped, _frame_name(batch[0]), f"the model failed on it ({type(e).__name__}: {e})")
+            return []
+        return [pair for frame in batch for pair in _predict_batch(predictor, [frame], skipped)]
+
+
 def predict(
     predictor: BatchPredictor,
     metadata,
@@ -271,26 +309,32 @@ def predict(
     *,
     confidence: float = 0.3,
     batch_size: int = 1,
+    results: Optional[List[Dict]] = None,
 ) -> List[Dict]:
     """Predict, draw and collect the results of every image and video frame in ``inputs``.
 
-    Unreadable images and videos are added to ``inputs.skipped``.
+    Images and frames that cannot be used (undecodable, too elongated for the resize, the
+    model raises on them) and videos without a readable frame are added to ``inputs.skipped``.
+
+    Args:
+        results (list or None): the list to append the results to, as they come (so the
+            caller keeps those of an interrupted run); a new one if None.
 
     Returns:
-        list[dict]: COCO-format results with score >= ``confidence``.
+        list[dict]: ``results``, COCO-format results with score >= ``confidence``.
     """
-    results = _Results(metadata)
+    collected = _Results(metadata, results if results is not None else [])
     total = len(inputs.images) + sum(_frame_count(path) for path, _ in inputs.videos)
     with tqdm(total=total, unit="img", desc="predict", dynamic_ncols=True) as progress:
 
         def run(frames: Iterable[Frame]) -> None:
-            for batch in _batches(frames, batch_size):
-                for frame, instances in zip(batch, predictor([f.image for f in batch])):
+            for batch in _batches(_resizable(predictor.cfg, frames, inputs.skipped), batch_size):
+                for frame, instances in _predict_batch(predictor, batch, inputs.skipped):
                     instances = instances[instances.scores >= confidence]
                     rgb = frame.image[:, :, ::-1]
                     drawing = Visualizer(rgb, metadata).draw_instance_predictions(instances).get_image()
                     frame.write(np.ascontiguousarray(drawing[:, :, ::-1]))
-                    results.add(frame, instances)
+                    collected.add(frame, instances)
                 progress.update(len(batch))
 
         run(_image_frames(inputs.images, inputs.skipped))
@@ -304,7 +348,7 @@ def predict(
                 capture.release()
             if writer.is_empty:  # not opened, or no frame decoded
                 _skip(inputs.skipped, path, "no frame can be read from this video")
-    return results.items
+    return collected.items
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -321,11 +365,54 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line; returns 0, 1 (some inputs skipped) or 2 (config or weights unusable)."""
-    args = _parser().parse_args(argv)
+def _argument_problem(args) -> Optional[str]:
+    """What is wrong with the arguments before anything runs, or None."""
     if args.batch_size < 1:
-        print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
+        return f"--batch-size must be >= 1, got {args.batch_size}"
+    if not 0.0 <= args.confidence <= 1.0:
+        return f"--confidence must be a score in [0, 1], got {args.confidence}"
+    for folder in (args.output, os.path.dirname(os.path.abspath(args.json)) if args.json else None):
+        problem = folder and _unwritable(folder)
+        if problem:
+            return problem
+    return None
+
+
+def _unwritable(folder: str) -> Optional[str]:
+    """Why nothing can be written into ``folder`` (created if missing), or None."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return f"cannot write into {folder}: {e.strerror or e}"
+    return None
+
+
+def _write_results(results: List[Dict], json_file: str, args) -> None:
+    with open(json_file, "w") as f:
+        json.dump(results, f)
+    print(f"{len(results)} detections (score >= {args.confidence}) written to {json_file}; drawings in {args.output}")
+
+
+def _print_skipped(skipped: List[Tuple[str, str]]) -> None:
+    print(f"Skipped {len(skipped)} input(s):", file=sys.stderr)
+    for path, reason in skipped:
+        print(f"  {path}: {reason}", file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line; returns 0, 1 (some inputs skipped) or 2 (arguments, config, weights or
+    inputs unusable: nothing was predicted)."""
+    args = _parser().parse_args(argv)
+    problem = _argument_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    inputs = find_inputs(args.input, args.output)
+    if not inputs.images and not inputs.videos:
+        print("error: no image or video to predict in --input", file=sys.stderr)
+        _print_skipped(inputs.skipped)
         return 2
     cfg = load_config(args.config_file, args.opts)
     try:
@@ -333,19 +420,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: cannot run {args.config_file} with these weights: {e}", file=sys.stderr)
         return 2
-    inputs = find_inputs(args.input, args.output)
-    results = predict(predictor, _metadata(cfg), inputs, confidence=args.confidence, batch_size=args.batch_size)
-    json_file = args.json or os.path.join(args.output, "results.json")
-    os.makedirs(os.path.dirname(os.path.abspath(json_file)), exist_ok=True)
-    with open(json_file, "w") as f:
-        json.dump(results, f)
-    print(f"{len(results)} detections (score >= {args.confidence}) written to {json_file}; drawings in {args.output}")
-    if inputs.skipped:
-        print(f"Skipped {len(inputs.skipped)} input(s):", file=sys.stderr)
-        for path, reason in inputs.skipped:
-            print(f"  {path}: {reason}", file=sys.stderr)
-        return 1
-    return 0
+    results: List[Dict] = []
+    try:
+        predict(predictor, _metadata(cfg), inputs, confidence=args.confidence, batch_size=args.batch_size, results=results)
+    finally:  # also when interrupted: what was predicted is kept
+        _write_results(results, args.json or os.path.join(args.output, "results.json"), args)
+        if inputs.skipped:
+            _print_skipped(inputs.skipped)
+    return 1 if inputs.skipped else 0
 
 
 if __name__ == "__main__":

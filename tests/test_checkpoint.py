@@ -1,4 +1,5 @@
-"""Atomic checkpoint files, the classifier-size check and attribute checkpointables."""
+"""Atomic checkpoint files, the classifier-size check, attribute checkpointables, weights that
+must fit for inference, truncated checkpoints and the facts a resume must keep."""
 import os
 import subprocess
 import sys
@@ -6,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from retina_focal.checkpoint import AtomicFile, AttributeState, RetinaFocalCheckpointer
+from retina_focal.checkpoint import AtomicFile, AttributeState, RetinaFocalCheckpointer, RunFacts
 from retina_focal.engine import RetinaFocalTrainer
 from tests.conftest import REPO, small_cfg
 
@@ -109,3 +110,66 @@ def test_attribute_state_round_trips_through_a_checkpoint(tmp_path):
     reader.add_checkpointable("loss_normalizer", AttributeState(other, ["loss_normalizer"]))
     reader.resume_or_load("", resume=True)
     assert other.loss_normalizer == 42.5
+
+
+def test_inference_refuses_a_classifier_for_another_number_of_classes_without_suggesting_reinit(tmp_path):
+    RetinaFocalCheckpointer(_model("MODEL.RETINANET.NUM_CLASSES", 5), str(tmp_path)).save("five_classes")
+    with pytest.raises(ValueError, match="5 classes, the model has 3") as error:
+        RetinaFocalCheckpointer(_model(), for_inference=True, reinit_mismatched_classifier=True).load(
+            str(tmp_path / "five_classes.pth")
+        )
+    assert "REINIT_MISMATCHED_CLASSIFIER" not in str(error.value)
+    assert "Evaluate it with the config it was trained with" in str(error.value)
+
+
+def _partial_checkpoint(tmp_path):
+    """A checkpoint of the model without its head: the backbone only."""
+    state = {k: v for k, v in _model().state_dict().items() if not k.startswith("head.")}
+    path = str(tmp_path / "backbone_only.pth")
+    torch.save({"model": state}, path)
+    num_head = sum(1 for k in _model().state_dict() if k.startswith("head."))
+    return path, num_head
+
+
+def test_inference_refuses_weights_that_leave_tensors_unloaded(tmp_path):
+    path, num_head = _partial_checkpoint(tmp_path)
+    total = len(_model().state_dict())
+    with pytest.raises(ValueError, match=rf"does not fit the model: {num_head} of the model's {total} tensors are not in it \(head\."):
+        RetinaFocalCheckpointer(_model(), for_inference=True).load(path)
+
+
+def test_training_from_weights_with_missing_tensors_works_and_logs_one_line(tmp_path, caplog):
+    path, num_head = _partial_checkpoint(tmp_path)
+    total = len(_model().state_dict())
+    with caplog.at_level("WARNING", logger="retina_focal.checkpoint"):
+        RetinaFocalCheckpointer(_model()).load(path)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "retina_focal.checkpoint"]
+    assert line.startswith(f"Loaded {total - num_head} of the model's {total} tensors from {path}; {num_head} keep their initialization (head.")
+
+
+def test_a_truncated_checkpoint_names_the_file_and_the_previous_one(tmp_path):
+    ckpt = RetinaFocalCheckpointer(_model(), str(tmp_path))
+    for name in ("model_0000004", "model_0000009", "model_final"):
+        ckpt.save(name)
+    for name in ("model_0000009.pth", "model_final.pth"):
+        path = tmp_path / name
+        path.write_bytes(path.read_bytes()[:1000])
+        with pytest.raises(ValueError) as error:
+            RetinaFocalCheckpointer(_model(), str(tmp_path)).load(str(path))
+        message = str(error.value)
+        assert message.startswith(f"Checkpoint {path} (1000 bytes) cannot be read: RuntimeError: PytorchStreamReader")
+        previous = "model_0000004.pth" if name == "model_0000009.pth" else "model_0000009.pth"
+        assert f"The previous checkpoint is {tmp_path / previous}: to resume from it, add --resume RESUME.CHECKPOINT {previous}" in message
+
+
+def test_run_facts_refuse_a_changed_run_unless_allowed(caplog):
+    saved = RunFacts({"SOLVER.IMS_PER_BATCH": 2, "SOLVER.STEPS": (6, 8), "number of processes": 1}).state_dict()
+    RunFacts({"SOLVER.IMS_PER_BATCH": 2, "SOLVER.STEPS": [6, 8], "number of processes": 1}).load_state_dict(saved)
+    changed = RunFacts({"SOLVER.IMS_PER_BATCH": 4, "SOLVER.STEPS": (6, 9), "number of processes": 1})
+    with pytest.raises(ValueError, match=r"SOLVER.IMS_PER_BATCH was 2, now 4; SOLVER.STEPS was \[6, 8\], now \[6, 9\]\..*RESUME.ALLOW_CHANGES"):
+        changed.load_state_dict(saved)
+    allowed = RunFacts({"SOLVER.IMS_PER_BATCH": 4}, allow_changes=True)
+    with caplog.at_level("WARNING", logger="retina_focal.checkpoint"):
+        allowed.load_state_dict(saved)
+    assert allowed.changed == {"SOLVER.IMS_PER_BATCH": [2, 4]}
+    assert "RESUME.ALLOW_CHANGES: resuming although SOLVER.IMS_PER_BATCH was 2, now 4" in caplog.text

@@ -1,15 +1,16 @@
 """Bad annotations fail before training and name the image; odd images still train."""
 import logging
 import math
+import os
 
 import pytest
 import torch
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 
 from retina_focal.data import check_dataset_dicts, check_num_classes
-from retina_focal.data.checks import check_gt_instances
+from retina_focal.data.checks import check_gt_instances, drop_unusable_images
 from retina_focal.engine import RetinaFocalTrainer
 from tests.conftest import make_instances, small_cfg
 
@@ -108,3 +109,64 @@ def test_zero_area_box_is_dropped_not_matched_to_every_anchor(caplog):
     gt_labels, _ = model.label_batch(batch, anchors)
     assert 0 < int(model.foreground_mask(gt_labels).sum()) < 50
     assert not (gt_labels == 0).any()  # the zero-width box of class 0 got no anchor
+
+
+def _image_set(folder):
+    """Dataset dicts of: a good PNG, truncated JPEG and PNG, a text file named .png, a
+    1 x 2000 px PNG, a missing file. Returns (dicts, the good file)."""
+    import cv2
+    import numpy as np
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    files = {}
+    for name, shape in (("good.png", (32, 32, 3)), ("cut.jpg", (32, 32, 3)), ("cut.png", (32, 32, 3)), ("thin.png", (1, 2000, 3))):
+        files[name] = os.path.join(folder, name)
+        cv2.imwrite(files[name], rng.integers(0, 256, shape, dtype=np.uint8))
+    for name in ("cut.jpg", "cut.png"):
+        data = open(files[name], "rb").read()
+        open(files[name], "wb").write(data[: len(data) // 2])
+    files["text.png"] = os.path.join(folder, "text.png")
+    open(files["text.png"], "w").write("not an image")
+    files["missing.png"] = os.path.join(folder, "missing.png")
+    dicts = [{"file_name": path, "image_id": i, "annotations": []} for i, path in enumerate(files.values())]
+    return dicts, files["good.png"]
+
+
+@pytest.mark.parametrize(
+    "mode, truncated_jpeg",
+    [("quick", "truncated: no JPEG end-of-image marker"), ("full", "cannot be decoded (OSError: image file is truncated")],
+)
+def test_unusable_images_are_left_out_each_named_with_its_reason(tmp_path, caplog, mode, truncated_jpeg):
+    dicts, good = _image_set(str(tmp_path))
+    with caplog.at_level("WARNING", logger="retina_focal.data.checks"):
+        kept = drop_unusable_images(dicts, ["mine"], mode, 128, 128, "INPUT.MIN_SIZE_TRAIN, INPUT.MAX_SIZE_TRAIN")
+    assert [d["file_name"] for d in kept] == [good]
+    text = caplog.text
+    assert "Left out 5 of the 6 images of ['mine'] that cannot be used:" in text
+    assert f"{tmp_path}/cut.jpg: {truncated_jpeg}" in text
+    assert f"{tmp_path}/thin.png: 2000x1 px: resized to a short side of 128 px" in text
+    assert f"{tmp_path}/text.png: cannot be decoded (UnidentifiedImageError" in text
+    assert f"{tmp_path}/missing.png: no such file" in text
+
+
+def test_image_check_off_and_bad_mode(tmp_path):
+    dicts, _ = _image_set(str(tmp_path))
+    assert drop_unusable_images(dicts, ["mine"], "none", 128, 128, "K") is dicts
+    with pytest.raises(ValueError, match=r"DATALOADER.CHECK_IMAGES must be one of \['quick', 'full', 'none'\], got 'yes'"):
+        drop_unusable_images(dicts, ["mine"], "yes", 128, 128, "K")
+
+
+def test_training_loader_leaves_unusable_images_out(tmp_path):
+    dicts, good = _image_set(str(tmp_path))
+    for d in dicts:
+        d.update(height=32, width=32)
+    name = "checks_unusable_train"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: dicts)
+    MetadataCatalog.get(name).set(thing_classes=["a", "b", "c"])
+    cfg = small_cfg("DATASETS.TRAIN", (name,), "DATALOADER.FILTER_EMPTY_ANNOTATIONS", False,
+                    "INPUT.MIN_SIZE_TRAIN", (128,), "INPUT.MAX_SIZE_TRAIN", 128, "SOLVER.IMS_PER_BATCH", 1)
+    loader = RetinaFocalTrainer.build_train_loader(cfg)
+    assert [d["file_name"] for d in loader.dataset.dicts] == [good]

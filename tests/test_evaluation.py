@@ -17,6 +17,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 
 from retina_focal.data import SHAPE_CLASSES
 from retina_focal.data.shapes import ShapesSplit, generate_split
+from retina_focal.engine import RetinaFocalTrainer
 from retina_focal.evaluation import RetinaFocalCOCOEvaluator
 
 from tests.conftest import small_cfg
@@ -213,3 +214,32 @@ def test_memory_stays_flat_over_2000_images(tmp_path):
     # would add 1800 * 48 KiB ~ 84 MiB (tried: +96 MiB).
     bound = 12.0
     assert growth < bound, f"RSS {probe.rss[warmup]:.1f} -> {probe.rss[num_images]:.1f} MiB (+{growth:.1f})"
+
+
+# ---------------------------------------------------------------- unusable images
+
+
+def test_an_unusable_test_image_is_left_out_and_ap_is_over_the_others(tmp_path):
+    """A truncated image in the test set used to stop the evaluation in the data loader; now
+    the trainer's test loader leaves it out (named in a warning) and the evaluator scores the
+    images it saw, so the missing one does not count as all-missed."""
+    json_file, image_root = generate_split(ShapesSplit("val", num_images=6, image_size=PX), str(tmp_path))
+    name = _register("eval_test_truncated", [], json_file)
+    dicts = load_coco_json(json_file, image_root, dataset_name=name)  # contiguous class ids, as registered sets
+    DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: dicts)
+    broken = dicts[2]["file_name"]
+    with open(broken, "rb") as f:
+        data = f.read()
+    with open(broken, "wb") as f:
+        f.write(data[: len(data) // 2])
+    cfg = small_cfg("INPUT.MIN_SIZE_TEST", PX, "INPUT.MAX_SIZE_TEST", PX, "DATASETS.TEST", (name,),
+                    "MODEL.RETINANET.NUM_CLASSES", len(SHAPE_CLASSES), "OUTPUT_DIR", str(tmp_path / "out"))
+    loader = RetinaFocalTrainer.build_test_loader(cfg, name)
+    assert len(loader.dataset) == 5
+    evaluator = RetinaFocalCOCOEvaluator(name, output_dir=str(tmp_path / "ours"))
+    kept = [d for d in dicts if d["file_name"] != broken]
+    with _notes() as notes:
+        got = _evaluate(evaluator, kept, _ground_truth_as_detections)
+    assert got["bbox"]["AP"] == pytest.approx(100.0)  # perfect on the 5 images it saw
+    assert any(f"1 of the 6 images of '{name}' were not predicted" in n for n in notes), notes

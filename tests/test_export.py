@@ -107,6 +107,22 @@ def test_missing_weights_are_named(exported, capsys):
     assert "MODEL.WEIGHTS" in capsys.readouterr().err and not os.path.exists(root / "bad" / "model.onnx")
 
 
+@pytest.mark.parametrize("weights", ["", "foreign"])
+def test_weights_that_fit_nothing_or_none_are_refused(exported, capsys, tmp_path, weights):
+    """Used to write model.ts for a torchvision ResNet-18 state_dict (a random network)."""
+    from tests.test_predict import foreign_weights
+
+    root = exported[2]
+    if weights == "foreign":
+        weights = foreign_weights(tmp_path / "resnet18.pth")
+    args = ["--format", "torchscript", "--config-file", str(root / "config.yaml"), "--output", str(tmp_path / "out"),
+            "MODEL.WEIGHTS", weights]
+    assert export_tool.main(args) == 2
+    err = capsys.readouterr().err
+    assert ("does not fit the model" in err) if weights else ("MODEL.WEIGHTS is empty" in err)
+    assert not os.path.exists(tmp_path / "out" / "model.ts")
+
+
 def test_getting_started_onnx_example_runs(exported, tmp_path):
     """docs/getting_started.md's post-processing example, on the exported test model."""
     with open(os.path.join(REPO, "docs", "getting_started.md")) as f:

@@ -124,3 +124,58 @@ def test_killing_the_launcher_ends_its_worker_processes(tmp_path):
                 os.kill(w, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _copy_checkpoints(src, dst, names, tagged):
+    os.makedirs(dst, exist_ok=True)
+    for name in names:
+        with open(os.path.join(src, name), "rb") as f, open(os.path.join(dst, name), "wb") as g:
+            g.write(f.read())
+    with open(os.path.join(dst, "last_checkpoint"), "w") as f:
+        f.write(tagged)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["SOLVER.IMS_PER_BATCH", "2"], "SOLVER.IMS_PER_BATCH was 4, now 2"),
+        (["SOLVER.MAX_ITER", "30"], "SOLVER.MAX_ITER was 20, now 30"),
+        (["SOLVER.STEPS", "(5,)"], "SOLVER.STEPS was [800, 1067], now [5]"),
+        (["DATASETS.TRAIN", '("retina_focal_shapes_tiny_val",)'],
+         "DATASETS.TRAIN was ['retina_focal_shapes_tiny_train'], now ['retina_focal_shapes_tiny_val']"),
+    ],
+)
+def test_resume_refuses_what_it_cannot_continue_exactly(uninterrupted, tmp_path, change, message):
+    """Used to resume silently: a new batch size restarted the stream at the wrong image."""
+    out = _copy_checkpoints(uninterrupted, str(tmp_path / "run"), ["model_0000009.pth"], "model_0000009.pth")
+    proc = train(["--resume", "OUTPUT_DIR", out] + RUN + change)
+    assert proc.returncode != 0
+    assert f"--resume cannot continue this run exactly: {message}" in proc.stderr, proc.stderr[-3000:]
+    assert "RESUME.ALLOW_CHANGES True" in proc.stderr
+
+
+def test_resume_with_allowed_changes_continues_at_the_image_position(uninterrupted, tmp_path):
+    out = _copy_checkpoints(uninterrupted, str(tmp_path / "run"), ["model_0000009.pth"], "model_0000009.pth")
+    proc = train(["--resume", "OUTPUT_DIR", out] + RUN + ["SOLVER.IMS_PER_BATCH", "2", "RESUME.ALLOW_CHANGES", "True"])
+    _ok(proc)
+    log = proc.stdout + proc.stderr
+    assert "RESUME.ALLOW_CHANGES: resuming although SOLVER.IMS_PER_BATCH was 4, now 2" in log
+    final = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False)
+    assert final["train_stream"]["images_consumed"] == 10 * 4 + 10 * 2
+
+
+def test_a_truncated_last_checkpoint_names_the_previous_one_which_resumes_exactly(uninterrupted, tmp_path):
+    out = _copy_checkpoints(uninterrupted, str(tmp_path / "run"), ["model_0000009.pth", "model_final.pth"],
+                            "model_final.pth")
+    final = os.path.join(out, "model_final.pth")
+    with open(final, "rb") as f:
+        data = f.read()
+    with open(final, "wb") as f:
+        f.write(data[: len(data) // 3])
+    proc = train(["--resume", "OUTPUT_DIR", out] + RUN)
+    assert proc.returncode != 0
+    assert f"Checkpoint {final} ({len(data) // 3} bytes) cannot be read" in proc.stderr, proc.stderr[-3000:]
+    assert f"to resume from it, add --resume RESUME.CHECKPOINT model_0000009.pth" in proc.stderr
+    _ok(train(["--resume", "OUTPUT_DIR", out] + RUN + ["RESUME.CHECKPOINT", "model_0000009.pth"]))
+    assert _bitwise_equal(_weights(uninterrupted), _weights(out))

@@ -121,7 +121,7 @@ def test_bad_inputs_are_skipped_with_a_summary(model_files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 1
     summary = err[err.index("Skipped 4 input(s):"):]
-    assert f"{missing}: no such file or folder" in summary and f"{corrupt}: cannot be read as an image" in summary
+    assert f"{missing}: no such file or folder" in summary and f"{corrupt}: cannot be decoded (" in summary
     assert f"{corrupt_video}: no frame can be read from this video" in summary
     assert f"{text}: not an image (.jpg" in summary
     assert {r["file_name"] for r in _results(tmp_path / "out" / "results.json")} == {good}
@@ -138,6 +138,7 @@ def test_weights_for_another_num_classes_give_a_clear_message(model_files, tmp_p
     assert proc.returncode == 2, proc.stderr
     assert "trained for 3 classes, the model has 5 (MODEL.RETINANET.NUM_CLASSES)" in proc.stderr
     assert "error: cannot run" in proc.stderr and "Traceback" not in proc.stderr
+    assert "REINIT_MISMATCHED_CLASSIFIER" not in proc.stderr  # following it would predict with a random classifier
 
 
 def test_console_script_points_at_main():
@@ -148,7 +149,119 @@ def test_console_script_points_at_main():
 
 def test_missing_weights_name_the_key(model_files, tmp_path, capsys):
     config = model_files[0]
-    args = ["--config-file", config, "--input", str(tmp_path), "--output", str(tmp_path / "o"),
+    image = _images(tmp_path / "in", [(64, 64)])[0]
+    args = ["--config-file", config, "--input", image, "--output", str(tmp_path / "o"),
             "MODEL.WEIGHTS", str(tmp_path / "nope.pth")]
     assert main(args) == 2
     assert f"MODEL.WEIGHTS '{tmp_path / 'nope.pth'}': no such file" in capsys.readouterr().err
+
+
+def _truncated(path):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    return path
+
+
+def test_elongated_and_truncated_images_are_skipped_and_the_rest_is_written(model_files, tmp_path, capsys):
+    """A 1 x 2000 px image used to kill the run in ResizeTransform ("height and width must be
+    > 0") and lose results.json; a truncated JPEG used to be predicted half grey."""
+    folder = tmp_path / "in"
+    good = _images(folder, [(64, 64)])[0]
+    rng = np.random.default_rng(2)
+    thin, flat = str(folder / "thin.png"), str(folder / "flat.png")
+    cv2.imwrite(thin, rng.integers(0, 256, (2000, 1, 3), dtype=np.uint8))
+    cv2.imwrite(flat, rng.integers(0, 256, (1, 2000, 3), dtype=np.uint8))
+    jpeg = str(folder / "half.jpg")
+    cv2.imwrite(jpeg, rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    _truncated(jpeg)
+    assert _run(model_files, [str(folder)], tmp_path / "out", "--confidence", "0") == 1
+    summary = capsys.readouterr().err.split("Skipped 3 input(s):")[1]
+    assert f"{flat}: 2000x1 px: resized to a short side of 64 px with the long side at most 128 px" in summary
+    assert f"{thin}: 1x2000 px" in summary and "(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)" in summary
+    assert f"{jpeg}: cannot be decoded (OSError: image file is truncated" in summary
+    assert {r["file_name"] for r in _results(tmp_path / "out" / "results.json")} == {good}
+
+
+def test_an_image_the_model_fails_on_is_skipped_and_an_interrupted_run_keeps_its_results(
+    model_files, tmp_path, capsys, monkeypatch
+):
+    import retina_focal.predict as predict_module
+
+    folder = tmp_path / "in"
+    paths = _images(folder, [(64, 64), (64, 77), (64, 64)])
+    call = predict_module.BatchPredictor.__call__
+
+    def failing(self, images):
+        if any(image.shape[1] == 77 for image in images):
+            raise RuntimeError("injected failure")
+        return call(self, images)
+
+    monkeypatch.setattr(predict_module.BatchPredictor, "__call__", failing)
+    assert _run(model_files, [str(folder)], tmp_path / "out", "--confidence", "0", "--batch-size", "2") == 1
+    assert f"{paths[1]}: the model failed on it (RuntimeError: injected failure)" in capsys.readouterr().err
+    assert {r["file_name"] for r in _results(tmp_path / "out" / "results.json")} == {paths[0], paths[2]}
+
+    def interrupted(self, images):
+        if any(image.shape[1] == 77 for image in images):
+            raise KeyboardInterrupt
+        return call(self, images)
+
+    monkeypatch.setattr(predict_module.BatchPredictor, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(model_files, [str(folder)], tmp_path / "out2", "--confidence", "0")
+    assert {r["file_name"] for r in _results(tmp_path / "out2" / "results.json")} == {paths[0]}
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty folder", "error: no image or video to predict in --input"),
+        ("confidence", "error: --confidence must be a score in [0, 1], got 5.0"),
+        ("output", "error: cannot write into"),
+    ],
+)
+def test_arguments_that_would_predict_nothing_are_errors(model_files, tmp_path, capsys, case, message):
+    image = _images(tmp_path / "in", [(64, 64)])[0]
+    inputs, out, extra = [image], tmp_path / "out", []
+    if case == "empty folder":
+        (tmp_path / "empty" / "sub").mkdir(parents=True)
+        inputs = [str(tmp_path / "empty")]
+    elif case == "confidence":
+        extra = ["--confidence", "5"]
+    else:
+        (tmp_path / "a_file").write_text("")
+        out = tmp_path / "a_file" / "out"  # a folder below a file cannot be made
+    assert _run(model_files, inputs, out, *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if case == "empty folder":
+        assert f"{tmp_path / 'empty'}: folder holds no image (.jpg" in err
+
+
+def foreign_weights(path) -> str:
+    """A torchvision ResNet-18 state_dict: no key of it is a RetinaFocal key."""
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return str(path)
+
+
+def test_weights_that_fit_nothing_are_refused(model_files, tmp_path, capsys):
+    config, _, _ = model_files
+    image = _images(tmp_path / "in", [(64, 64)])[0]
+    weights = foreign_weights(tmp_path / "resnet18.pth")
+    args = ["--config-file", config, "--input", image, "--output", str(tmp_path / "out"), "MODEL.WEIGHTS", weights]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"Checkpoint {weights} does not fit the model:" in err
+    assert re.search(r"\d+ of the model's \d+ tensors are not in it \(backbone\.fpn_lateral3\.weight", err)
+    assert "of the checkpoint's tensors are unknown to the model (conv1.weight" in err
+    assert not os.path.exists(tmp_path / "out" / "results.json")
+
+
+def test_empty_weights_are_refused(model_files, tmp_path, capsys):
+    config = model_files[0]
+    image = _images(tmp_path / "in", [(64, 64)])[0]
+    assert main(["--config-file", config, "--input", image, "--output", str(tmp_path / "o"), "MODEL.WEIGHTS", ""]) == 2
+    assert "MODEL.WEIGHTS is empty: inference needs trained weights" in capsys.readouterr().err

@@ -172,3 +172,18 @@ def test_resume_of_a_float16_run_restores_the_grad_scaler(amp_runs, tmp_path):
     rows = losses_by_iteration(run_dir)
     assert sorted(rows) == [2]
     assert rows[2]["amp/grad_scale"] == 1234.0
+
+
+@pytest.mark.parametrize("weights", ["", "foreign"])
+def test_eval_only_refuses_no_weights_and_weights_that_fit_nothing(tmp_path, weights):
+    """Used to evaluate a random network (AP nan) after "Initializing model from scratch" or
+    fvcore's warning that every key is missing."""
+    from tests.test_predict import foreign_weights
+
+    if weights == "foreign":
+        weights = foreign_weights(tmp_path / "resnet18.pth")
+    proc = train(["--eval-only", "OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", weights] + TINY)
+    assert proc.returncode != 0
+    expected = "does not fit the model" if weights else "MODEL.WEIGHTS is empty: inference needs trained weights"
+    assert expected in proc.stderr, proc.stderr[-3000:]
+    assert "copypaste: AP" not in proc.stdout + proc.stderr

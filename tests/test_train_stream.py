@@ -54,3 +54,40 @@ def test_last_batch_is_recorded_and_batch_size_must_divide(monkeypatch):
     monkeypatch.setattr(comm, "get_world_size", lambda: 2)
     with pytest.raises(ValueError, match=r"IMS_PER_BATCH=3 must be divisible by the number of processes \(2\)"):
         build_resumable_train_loader(DICTS, _mapper, seed=1, total_batch_size=3, aspect_ratio_grouping=False)
+
+
+def _loader(total_batch_size, seed=5):
+    return build_resumable_train_loader(DICTS, _mapper, seed=seed, total_batch_size=total_batch_size,
+                                        aspect_ratio_grouping=False)
+
+
+def _ids(loader, num):
+    return [[(x["image_id"], x["draw"]) for x in b] for b in itertools.islice(loader, num)]
+
+
+def test_the_checkpoint_records_the_images_consumed_and_a_new_batch_size_continues_there():
+    """--resume with RESUME.ALLOW_CHANGES and another SOLVER.IMS_PER_BATCH: the stream goes on
+    at the image where the old run stopped (positions, not iterations x the new batch)."""
+    old = _loader(4)
+    old.start_at(0)
+    seen = _ids(old, 3)  # 3 iterations of 4 images
+    state = old.state_dict()
+    assert state == {"seed": 5, "images_consumed": 12}
+    uninterrupted = [item for batch in _ids(_started(_loader(4), 0), 6) for item in batch]
+    resumed = _loader(2, seed=99)
+    resumed.load_state_dict(state)
+    resumed.start_at(3)  # iteration 3; 3 x 2 = 6 would repeat images 6..11
+    assert [item for batch in _ids(resumed, 4) for item in batch] == uninterrupted[12:20]
+    assert [item for batch in seen for item in batch] == uninterrupted[:12]
+
+
+def _started(loader, iteration):
+    loader.start_at(iteration)
+    return loader
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_at_iteration_times_batch():
+    resumed = _loader(4, seed=1)
+    resumed.load_state_dict({"seed": 5})
+    resumed.start_at(2)
+    assert _ids(resumed, 2) == _ids(_started(_loader(4), 0), 4)[2:]

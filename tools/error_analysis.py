@@ -19,7 +19,7 @@ import argparse
 import os
 from typing import Dict, Sequence
 
-from detectron2.data import MetadataCatalog, build_detection_test_loader
+from detectron2.data import MetadataCatalog
 from detectron2.evaluation import inference_on_dataset
 
 from retina_focal.diagnostics import (
@@ -33,7 +33,8 @@ from retina_focal.diagnostics import (
 )
 from retina_focal.diagnostics.error_analysis import load_coco_results
 from retina_focal.diagnostics.plots import plot_confusion, plot_precision_recall
-from retina_focal.engine import RetinaFocalTrainer, build_checkpointer, load_config
+from retina_focal.checkpoint import load_inference_weights
+from retina_focal.engine import RetinaFocalTrainer, load_config
 
 PR_IOUS = (0.5, 0.75)  # one panel each
 
@@ -42,9 +43,9 @@ def run_model(cfg, weights: str, dataset_name: str, eval_dir: str) -> str:
     """Evaluate ``weights`` on ``dataset_name`` with the trainer's evaluator; return the path
     of the ``coco_instances_results.json`` it writes."""
     model = RetinaFocalTrainer.build_model(cfg)
-    build_checkpointer(cfg, model).load(weights)
+    load_inference_weights(model, weights)
     evaluator = RetinaFocalTrainer.build_evaluator(cfg, dataset_name, output_folder=eval_dir)
-    inference_on_dataset(model, build_detection_test_loader(cfg, dataset_name), evaluator)
+    inference_on_dataset(model, RetinaFocalTrainer.build_test_loader(cfg, dataset_name), evaluator)
     return os.path.join(eval_dir, "coco_instances_results.json")
 
 

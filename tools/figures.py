@@ -41,7 +41,7 @@ from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog  # no
 from detectron2.data.detection_utils import build_augmentation, convert_image_to_rgb  # noqa: E402
 from detectron2.structures import Boxes, pairwise_iou  # noqa: E402
 
-from retina_focal.checkpoint import RetinaFocalCheckpointer  # noqa: E402
+from retina_focal.checkpoint import load_inference_weights  # noqa: E402
 from retina_focal.engine import RetinaFocalTrainer, load_config  # noqa: E402
 from retina_focal.losses import sigmoid_focal_loss, sigmoid_focal_loss_star  # noqa: E402
 from retina_focal.visualize import save_figure  # noqa: E402
@@ -133,10 +133,11 @@ def load_cfg(config_file: str, opts: Sequence[str] = ()):
 
 
 def load_model(cfg, weights: str = ""):
-    """The model of ``cfg`` in eval mode, with ``weights`` loaded if given."""
+    """The model of ``cfg`` in eval mode, with ``weights`` loaded if given (all of its tensors
+    must be in them)."""
     model = RetinaFocalTrainer.build_model(cfg)
     if weights:
-        RetinaFocalCheckpointer(model).load(weights)
+        load_inference_weights(model, weights)
     return model.eval()
 
 

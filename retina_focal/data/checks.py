@@ -6,17 +6,39 @@ and a class id ≥ NUM_CLASSES only fails deep inside the loss (or, on a GPU, as
 assert) hours later. Here they are errors that name the image, the annotation and the
 value. Boxes of zero width or height are dropped by the mapper, as usual; their number is
 logged.
+
+Image files are checked too (:func:`drop_unusable_images`, ``DATALOADER.CHECK_IMAGES``): a
+truncated JPEG decodes without an error in OpenCV and PIL's lazy open (the missing part
+becomes grey), and an image whose aspect ratio the resize cannot honour (1 x 2000 px) raises
+deep inside detectron2's ``ResizeTransform``. Such images are left out, with a warning that
+names each one and its reason, so one bad file never costs a whole run.
 """
 import logging
 import math
 import numbers
-from typing import Dict, List, Optional, Sequence
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.structures import BoxMode, Instances
+from detectron2.utils import comm
+from PIL import Image
 
-__all__ = ["check_dataset_dicts", "check_gt_instances", "check_num_classes"]
+__all__ = [
+    "IMAGE_CHECKS",
+    "check_dataset_dicts",
+    "check_gt_instances",
+    "check_num_classes",
+    "drop_unusable_images",
+    "UnusableImageError",
+    "image_file_problem",
+    "read_usable_image",
+    "resize_problem",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +139,138 @@ def check_gt_instances(gt_instances: List[Instances], num_classes: int, batched_
         f"{int(instances.gt_classes[first])} (valid: 0..{num_classes - 1}), box "
         f"{instances.gt_boxes.tensor[first].tolist()} (must be finite with x1 <= x2, y1 <= y2)"
     )
+
+
+# DATALOADER.CHECK_IMAGES: "quick" reads each file's header and its last bytes (a truncated
+# JPEG or PNG has lost its end marker), "full" decodes every pixel, "none" skips the check.
+IMAGE_CHECKS = ("quick", "full", "none")
+_TAIL_BYTES = 4096  # where the end marker must be (some writers append a few bytes after it)
+_END_MARKERS = {"JPEG": (b"\xff\xd9", "JPEG end-of-image marker"), "PNG": (b"IEND", "PNG IEND chunk")}
+
+
+def _missing_end_marker(path: str, image_format: Optional[str]) -> Optional[str]:
+    marker = _END_MARKERS.get(image_format or "")
+    if marker is None:
+        return None
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - _TAIL_BYTES))
+        tail = f.read()
+    return None if marker[0] in tail else f"truncated: no {marker[1]} at the end of the file"
+
+
+def image_file_problem(path: str, mode: str = "quick") -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
+    """Why the image at ``path`` cannot be used, and its (height, width) when known.
+
+    Args:
+        path (str): an image file.
+        mode (str): "quick" (header and end marker) or "full" (decode every pixel, as the
+            data loader will; detectron2's ``read_image``, EXIF orientation applied).
+
+    Returns:
+        (str or None, (int, int) or None): the problem (None: usable) and the size.
+    """
+    try:
+        if mode == "full":
+            return None, read_usable_image(path).shape[:2]
+        with Image.open(path) as image:
+            width, height = image.size
+            image_format = image.format
+    except FileNotFoundError:
+        return "no such file", None
+    except Exception as e:  # PIL: UnidentifiedImageError, ...; read_usable_image: ValueError
+        return _decode_problem(e), None
+    return _missing_end_marker(path, image_format), (height, width)
+
+
+def _decode_problem(error: Exception) -> str:
+    return str(error) if isinstance(error, UnusableImageError) else f"cannot be decoded ({type(error).__name__}: {error})"
+
+
+class UnusableImageError(ValueError):
+    """An image file that exists but cannot be decoded to its last pixel."""
+
+
+def read_usable_image(path: str) -> np.ndarray:
+    """detectron2's ``read_image(path, "BGR")`` (PIL, EXIF orientation applied), decoded to
+    the last pixel: a truncated file raises :class:`UnusableImageError` (OpenCV would fill
+    the missing part with grey and only print "Premature end of JPEG file").
+
+    Returns:
+        (H, W, 3) uint8 BGR.
+
+    Raises:
+        FileNotFoundError; UnusableImageError naming the decoder's complaint.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(path)
+    try:
+        return read_image(path, format="BGR")
+    except Exception as e:  # PIL: OSError "image file is truncated", UnidentifiedImageError, ...
+        raise UnusableImageError(f"cannot be decoded ({type(e).__name__}: {e})") from e
+
+
+def resize_problem(height: int, width: int, short_edge: int, max_size: int, keys: str) -> Optional[str]:
+    """Why an image of ``height`` x ``width`` cannot go through detectron2's
+    ``ResizeShortestEdge(short_edge, max_size)`` (a side would become 0 px), or None."""
+    if height < 1 or width < 1:
+        return f"{width}x{height} px has no pixels"
+    new_h, new_w = ResizeShortestEdge.get_output_shape(height, width, short_edge, max_size)
+    if min(new_h, new_w) >= 1:
+        return None
+    return (
+        f"{width}x{height} px: resized to a short side of {short_edge} px with the long side at most {max_size} px "
+        f"({keys}) it would be {new_w}x{new_h} px; the aspect ratio is too extreme"
+    )
+
+
+def _record_problem(record: Dict, mode: str, short_edge: int, max_size: int, keys: str) -> Optional[str]:
+    problem, size = image_file_problem(record["file_name"], mode)
+    if problem is None and size is None and "height" in record:
+        size = (record["height"], record["width"])
+    if problem is None and size is not None:
+        problem = resize_problem(*size, short_edge, max_size, keys)
+    return problem
+
+
+def image_check_args(cfg, is_train: bool) -> Dict:
+    """The keyword arguments of :func:`drop_unusable_images` for the training
+    (``INPUT.MIN_SIZE_TRAIN``, smallest choice) or the test resize of ``cfg``."""
+    if is_train:
+        sizes = (min(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN, "INPUT.MIN_SIZE_TRAIN, INPUT.MAX_SIZE_TRAIN")
+    else:
+        sizes = (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST")
+    return dict(zip(("mode", "short_edge", "max_size", "keys"), (cfg.DATALOADER.CHECK_IMAGES, *sizes)))
+
+
+def drop_unusable_images(
+    dicts: List[Dict], dataset_names: Sequence[str], mode: str, short_edge: int, max_size: int, keys: str
+) -> List[Dict]:
+    """``dicts`` without the records whose image cannot be used (:func:`image_file_problem`,
+    :func:`resize_problem`); a warning names each dropped file (the first 5) and the count.
+    With several processes each checks a share of the files and all get the same answer.
+
+    Args:
+        dicts (list[dict]): detectron2 dataset dicts with "file_name".
+        dataset_names (list[str]): for the message.
+        mode (str): one of :data:`IMAGE_CHECKS`.
+        short_edge, max_size (int): the smallest short side and the long-side cap of the
+            resize the images go through.
+        keys (str): the config keys of that resize, for the message.
+    """
+    if mode not in IMAGE_CHECKS:
+        raise ValueError(f"DATALOADER.CHECK_IMAGES must be one of {list(IMAGE_CHECKS)}, got {mode!r}")
+    if mode == "none" or not dicts:
+        return dicts
+    rank, world = comm.get_rank(), comm.get_world_size()
+    mine = [(i, _record_problem(dicts[i], mode, short_edge, max_size, keys)) for i in range(rank, len(dicts), world)]
+    found = [(i, p) for i, p in mine if p is not None]
+    problems = dict(sum(comm.all_gather(found), []) if world > 1 else found)
+    if not problems:
+        return dicts
+    listed = "\n  ".join(f"{dicts[i]['file_name']}: {p}" for i, p in sorted(problems.items())[:_MAX_LISTED])
+    more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+    logger.warning(
+        f"Left out {len(problems)} of the {len(dicts)} images of {list(dataset_names)} that cannot be used:\n  "
+        f"{listed}{more}\n(DATALOADER.CHECK_IMAGES {mode!r}; fix or remove these files)"
+    )
+    return [record for i, record in enumerate(dicts) if i not in problems]

@@ -8,12 +8,14 @@ decides a training sample is a function of its *stream position* q = 0, 1, 2, ..
 * which image: epoch e = q // n uses the permutation ``randperm(n, seed + e)``;
 * which augmentation: numpy's and Python's RNGs are re-seeded from (seed, q) right before
   the mapper runs;
-* who loads it: rank r of W takes the positions q ≡ r (mod W); its data-loader workers
-  take chunks of them in a fixed order.
+* who loads it: of the positions from P on, rank r of W takes P + r, P + r + W, ...; its
+  data-loader workers take chunks of them in a fixed order.
 
-After ``k`` finished iterations with a per-rank batch B, rank r has consumed its first
-k·B positions, so :meth:`ResumableTrainLoader.start_at` (k) continues the very same stream.
-The stream seed is saved in checkpoints (``state_dict``), so this holds with ``SEED -1``.
+After ``k`` finished iterations with a total batch B, the run has consumed the positions
+0 .. k·B - 1, so :meth:`ResumableTrainLoader.start_at` (P = k·B) continues the very same
+stream. Checkpoints hold the stream seed and the number of images consumed (``state_dict``),
+so this holds with ``SEED -1``, and a resume that changes the batch or the number of
+processes (``RESUME.ALLOW_CHANGES``) continues at the image where the old run stopped.
 Exact continuation needs batches formed in stream order: it holds with
 ``DATALOADER.ASPECT_RATIO_GROUPING False``, or when all images fall in one aspect-ratio
 group (e.g. square images); otherwise only the few images buffered in the aspect-ratio
@@ -78,7 +80,7 @@ class SeededMapper:
 
 
 class StreamSampler(Sampler):
-    """Infinite positions of one rank: q = j·W + r for j = start, start + 1, ..."""
+    """Infinite positions of one rank: q = start + j·W + r for j = 0, 1, ..."""
 
     def __init__(self, rank: int, world_size: int):
         self.rank = rank
@@ -86,38 +88,50 @@ class StreamSampler(Sampler):
         self.start = 0
 
     def __iter__(self) -> Iterator[int]:
-        for j in itertools.count(self.start):
-            yield j * self.world_size + self.rank
+        for j in itertools.count():
+            yield self.start + j * self.world_size + self.rank
 
 
 class ResumableTrainLoader:
-    """An iterable of training batches that can start at any iteration of its stream.
+    """An iterable of training batches that can start anywhere in its stream.
 
     Also keeps the last batch it produced (:attr:`last_batch`), for error reports.
-    Checkpointable: ``state_dict()`` holds the stream seed.
+    Checkpointable: ``state_dict()`` holds the stream seed and the images consumed so far
+    (positions handed out in batches the trainer took, over all ranks).
     """
 
-    def __init__(self, loader, sampler: StreamSampler, dataset: PositionedDataset, batch_size: int):
+    def __init__(self, loader, sampler: StreamSampler, dataset: PositionedDataset, total_batch_size: int):
         self.loader = loader
         self.sampler = sampler
         self.dataset = dataset
-        self.batch_size = batch_size
+        self.total_batch_size = total_batch_size
         self.last_batch: Optional[List[Dict]] = None
+        self.batches_taken = 0
+        self.resumed_images: Optional[int] = None  # from a checkpoint (load_state_dict)
 
     def start_at(self, iteration: int) -> None:
-        """Continue after ``iteration`` finished iterations (call before iterating)."""
-        self.sampler.start = iteration * self.batch_size
+        """Continue after ``iteration`` finished iterations (call before iterating): at the
+        images consumed that a loaded checkpoint recorded, else at ``iteration`` x the total
+        batch (the same unless the batch changed)."""
+        self.sampler.start = self.resumed_images if self.resumed_images is not None else iteration * self.total_batch_size
+
+    @property
+    def images_consumed(self) -> int:
+        return self.sampler.start + self.batches_taken * self.total_batch_size
 
     def __iter__(self):
         for batch in self.loader:
             self.last_batch = batch
+            self.batches_taken += 1
             yield batch
 
     def state_dict(self) -> Dict[str, int]:
-        return {"seed": self.dataset.seed}
+        return {"seed": self.dataset.seed, "images_consumed": self.images_consumed}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.dataset.seed = int(state["seed"])
+        if "images_consumed" in state:  # checkpoints of earlier versions have only the seed
+            self.resumed_images = int(state["images_consumed"])
 
 
 def build_resumable_train_loader(
@@ -159,4 +173,4 @@ def build_resumable_train_loader(
         aspect_ratio_grouping=aspect_ratio_grouping,
         num_workers=num_workers,
     )
-    return ResumableTrainLoader(loader, sampler, dataset, batch_size)
+    return ResumableTrainLoader(loader, sampler, dataset, total_batch_size)
