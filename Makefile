@@ -4,6 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_CONFIG ?= configs/Shapes-Detection/retina_focal_R_18_FPN_demo.yaml
+DEMO_OPTS ?=
 
 .PHONY: install demo test bench gpu-check
 
@@ -11,7 +12,7 @@ install:
 	bash tools/install.sh
 
 demo: install
-	$(PY) tools/demo.py --config-file $(DEMO_CONFIG)
+	$(PY) tools/demo.py --config-file $(DEMO_CONFIG) $(DEMO_OPTS)
 
 bench: install
 	$(PY) tools/benchmark.py --output-dir output/benchmark
