@@ -6,51 +6,17 @@ conv applied after a ReLU on P6. All levels have ``MODEL.FPN.OUT_CHANNELS`` (256
 and strides 8…128. Parameter names equal detectron2's ``build_retinanet_resnet_fpn_backbone``
 so its checkpoints (and the model zoo's) load unchanged.
 
-With ``MODEL.RETINA_FOCAL.FOLD_FROZEN_BN`` (default) every ResNet convolution followed by a
-frozen BatchNorm (``MODEL.RESNETS.NORM: FrozenBN``, ImageNet statistics) runs as a single
-convolution: fewer passes over the activations in training and inference, the same
-parameters and checkpoints.
+(``MODEL.RETINA_FOCAL.FOLD_FROZEN_BN`` folds the frozen BatchNorms into the convolutions when
+RetinaFocal is built: retina_focal/speed.py.)
 """
-from torch import Tensor, nn
-from torch.nn import functional as F
-
-from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
+from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, build_resnet_backbone
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
 
-__all__ = ["build_retina_focal_resnet_fpn_backbone", "fold_frozen_batchnorm", "FrozenBNFoldedConv2d", "P6_SOURCES"]
+__all__ = ["build_retina_focal_resnet_fpn_backbone", "P6_SOURCES"]
 
 # Allowed values of MODEL.RETINA_FOCAL.P6_FROM: the feature P6 is computed from.
 P6_SOURCES = ("res5", "p5")
-
-
-class FrozenBNFoldedConv2d(Conv2d):
-    """detectron2's ``Conv2d`` with a ``FrozenBatchNorm2d`` norm, computed as one convolution:
-    BN(W * x + b) = (s·W) * x + s·b + (β - s·μ) with s = γ / sqrt(σ² + ε) per output channel.
-    The scale is applied to the weight (C_out x C_in x k x k values) instead of the activations,
-    and gradients reach ``weight`` through it. Parameters, buffers and state-dict keys are those
-    of the ``Conv2d``; only float rounding differs."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        norm = self.norm
-        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # (C_out,)
-        bias = norm.bias - norm.running_mean * scale
-        if self.bias is not None:
-            bias = bias + self.bias * scale
-        x = F.conv2d(x, self.weight * scale.view(-1, 1, 1, 1), bias, self.stride, self.padding, self.dilation, self.groups)
-        return x if self.activation is None else self.activation(x)
-
-
-def fold_frozen_batchnorm(module: nn.Module) -> int:
-    """Make every detectron2 ``Conv2d`` in ``module`` whose norm is a ``FrozenBatchNorm2d`` a
-    :class:`FrozenBNFoldedConv2d` (in place: the object keeps its parameters and buffers).
-    Returns how many were folded."""
-    folded = 0
-    for m in module.modules():
-        if type(m) is Conv2d and isinstance(m.norm, FrozenBatchNorm2d):
-            m.__class__ = FrozenBNFoldedConv2d
-            folded += 1
-    return folded
 
 
 @BACKBONE_REGISTRY.register()
@@ -61,8 +27,6 @@ def build_retina_focal_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
         FPN: a detectron2 Backbone whose ``output_shape()`` is {"p3": stride 8, …, "p7": 128}.
     """
     bottom_up = build_resnet_backbone(cfg, input_shape)
-    if cfg.MODEL.RETINA_FOCAL.FOLD_FROZEN_BN:
-        fold_frozen_batchnorm(bottom_up)
     in_features = cfg.MODEL.FPN.IN_FEATURES
     produced = bottom_up.output_shape()
     missing = [f for f in in_features if f not in produced]

@@ -81,13 +81,15 @@ def add_retina_focal_config(cfg: CN) -> CN:
     _C.MODEL.RETINA_FOCAL.CLASS_SCORE_THRESH = []
     # True: one NMS over all classes (a box suppresses overlapping boxes of any class).
     _C.MODEL.RETINA_FOCAL.CLASS_AGNOSTIC_NMS = False
-    # Speed: backbone and head in the channels-last (NHWC) memory format, which oneDNN (CPU)
-    # and tensor cores (GPU) prefer, and the head's outputs need no transposing copy. Same
-    # weights and checkpoints; float rounding differs. tools/benchmark.py measures both.
+    # Speed transforms (retina_focal/speed.py), float rounding only; all off = detectron2's
+    # RetinaNet bit for bit. CHANNELS_LAST: backbone and head in the channels-last (NHWC)
+    # memory format, which oneDNN (CPU) and tensor cores (GPU) prefer. FOLD_FROZEN_BN: each
+    # conv + frozen BatchNorm (MODEL.RESNETS.NORM FrozenBN) as one conv with the BN folded
+    # into its weight and bias. FAST_POSTPROCESS: §4.1's inference thresholded and ranked on
+    # logits, with a chunked top-k and NMS truncated exactly. tools/benchmark.py measures them.
     _C.MODEL.RETINA_FOCAL.CHANNELS_LAST = True
-    # Speed: each ResNet conv + frozen BatchNorm (MODEL.RESNETS.NORM FrozenBN) as one conv with
-    # the BN folded into its weight and bias (retina_focal.backbone.FrozenBNFoldedConv2d).
     _C.MODEL.RETINA_FOCAL.FOLD_FROZEN_BN = True
+    _C.MODEL.RETINA_FOCAL.FAST_POSTPROCESS = True
     # Mixed precision (retina_focal/precision.py). SOLVER.AMP.ENABLED (detectron2's key) trains
     # under torch.autocast on any device, CUDA or CPU; its dtype: "float16" (loss scaled by a
     # GradScaler), "bfloat16" (no scaling needed), or "auto" = float16 on CUDA, bfloat16

@@ -59,7 +59,7 @@ def validation_losses(model, data_loader: Iterable[List[Dict]]) -> Dict[str, flo
     same as in training) and each batch's losses are divided by its own foreground-anchor
     count (§4.1's normalizer, momentum 0), so the EMA ``loss_normalizer`` of training is
     neither read nor updated. No gradient is computed; the loss terms, anchors and labels
-    are the model's own (:meth:`RetinaFocal.loss_terms`, :meth:`RetinaFocal.label_batch`).
+    are the model's own (:meth:`RetinaFocal.labelled_predictions`, :meth:`RetinaFocal.loss_terms`).
     """
     model = model.module if isinstance(model, DistributedDataParallel) else model
     was_training = model.training
@@ -68,13 +68,9 @@ def validation_losses(model, data_loader: Iterable[List[Dict]]) -> Dict[str, flo
     num_batches = 0
     try:
         for batch in data_loader:
-            images = model.preprocess_image(batch)
-            anchors, logits, deltas = model.predict(images)
-            gt_labels, gt_boxes = model.label_batch(batch, anchors)  # (N, R), (N, R, 4)
-            normalizer = max(model.foreground_mask(gt_labels).sum().item(), 1)
-            terms = model.loss_terms(
-                Boxes.cat(anchors).tensor, cat(logits, dim=1), cat(deltas, dim=1), gt_labels, gt_boxes, normalizer
-            )
+            anchors, logits, deltas, assignment = model.labelled_predictions(batch)
+            normalizer = max(assignment.foreground.sum().item(), 1)
+            terms = model.loss_terms(Boxes.cat(anchors).tensor, cat(logits, dim=1), cat(deltas, dim=1), assignment, normalizer)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.item()
             num_batches += 1

@@ -12,14 +12,91 @@ identical boxes every anchor goes to the first (the argmax takes the first of a 
 a 10 px box centred in a 100 px box loses its best anchor, a 32 px square (IoU 100/1024),
 to the big box (IoU 1024/10000). :class:`EveryGTMatcher` repairs this after detectron2's
 matching; :func:`build_anchor_matcher` picks one of the two rules.
+
+:func:`assign_anchors` applies the rule to a batch and returns an :class:`AnchorAssignment`:
+the anchor labels the losses train on, and per box what the diagnostics log.
 """
+from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 import torch
 from detectron2.modeling.matcher import Matcher
+from detectron2.structures import Boxes, Instances, pairwise_iou
 from torch import Tensor
 
-__all__ = ["EveryGTMatcher", "build_anchor_matcher", "foreground_counts"]
+__all__ = ["AnchorAssignment", "EveryGTMatcher", "assign_anchors", "build_anchor_matcher", "foreground_counts"]
+
+
+@dataclass(frozen=True)
+class AnchorAssignment:
+    """What the §4 IoU rule made of a batch of N images with R anchors and B boxes in all.
+
+    Attributes:
+        labels (Tensor): (N, R) int64: a class in [0, K) for foreground anchors, K for
+            background, -1 for ignored anchors (IoU in [0.4, 0.5), §4).
+        matched_boxes (Tensor): (N, R, 4) XYXY, the box each anchor is matched to
+            (meaningful where foreground).
+        matched_idxs (Tensor): (N, R) int64, that box's index among its image's boxes
+            (meaningful where foreground; -1 in an image without boxes).
+        gt_best_iou (Tensor): (B,) each box's best IoU with any anchor, images in order.
+        gt_num_foreground (Tensor): (B,) int64, each box's number of foreground anchors.
+        num_classes (int): K.
+    """
+
+    labels: Tensor
+    matched_boxes: Tensor
+    matched_idxs: Tensor
+    gt_best_iou: Tensor
+    gt_num_foreground: Tensor
+    num_classes: int
+
+    @property
+    def foreground(self) -> Tensor:
+        """(N, R) bool: anchors labelled with a class."""
+        return (self.labels >= 0) & (self.labels != self.num_classes)
+
+    def anchors_in(self, start: int, end: int) -> "AnchorAssignment":
+        """The assignment of the anchors ``start:end`` (e.g. one FPN level); per-box fields unchanged."""
+        return AnchorAssignment(
+            self.labels[:, start:end],
+            self.matched_boxes[:, start:end],
+            self.matched_idxs[:, start:end],
+            self.gt_best_iou,
+            self.gt_num_foreground,
+            self.num_classes,
+        )
+
+
+@torch.no_grad()
+def assign_anchors(anchors: Boxes, gt_instances: List[Instances], matcher: Matcher, num_classes: int) -> AnchorAssignment:
+    """Label every anchor of every image with a class, background or "ignore" (§4).
+
+    Args:
+        anchors (Boxes): (R, 4), all levels concatenated, shared by the images.
+        gt_instances (list[Instances]): per image, ``gt_boxes`` (XYXY) and ``gt_classes``.
+        matcher (Matcher): the IoU rule (:func:`build_anchor_matcher`).
+        num_classes (int): K, the label of background anchors.
+    """
+    labels, boxes, idxs, best_iou, num_fg = [], [], [], [], []
+    for instances in gt_instances:  # images differ in their number of boxes
+        iou = pairwise_iou(instances.gt_boxes, anchors)  # (G, R)
+        matched_idxs, anchor_labels = matcher(iou)  # (R,), (R,) in {-1, 0, 1}
+        best_iou.append(iou.max(dim=1).values if iou.numel() else iou.new_zeros(len(instances)))  # (G,)
+        num_fg.append(foreground_counts(matched_idxs, anchor_labels, len(instances)))  # (G,)
+        if len(instances) > 0:
+            image_labels = instances.gt_classes[matched_idxs]
+            image_labels = torch.where(anchor_labels == 0, torch.full_like(image_labels, num_classes), image_labels)
+            image_labels = torch.where(anchor_labels == -1, torch.full_like(image_labels, -1), image_labels)
+            boxes.append(instances.gt_boxes.tensor[matched_idxs])
+            idxs.append(matched_idxs)
+        else:  # no objects: every anchor is background, whatever IOU_LABELS says
+            image_labels = torch.full_like(matched_idxs, num_classes)
+            boxes.append(torch.zeros_like(anchors.tensor))
+            idxs.append(torch.full_like(matched_idxs, -1))
+        labels.append(image_labels)
+    return AnchorAssignment(
+        torch.stack(labels), torch.stack(boxes), torch.stack(idxs), torch.cat(best_iou), torch.cat(num_fg), num_classes
+    )
 
 
 def foreground_counts(matches: Tensor, match_labels: Tensor, num_gt: int) -> Tensor:

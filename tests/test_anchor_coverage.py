@@ -58,8 +58,7 @@ def test_best_iou_and_foreground_anchors_equal_the_model_on_its_own_input():
     anchors, _, _ = model.predict(model.preprocess_image(inputs))
     best = pairwise_iou(Boxes(scaled), Boxes.cat(anchors)).max(dim=1).values
     np.testing.assert_allclose(result.best_iou, best.numpy(), rtol=1e-6)
-    labels, _ = model.label_anchors(anchors, [inputs[0]["instances"]])
-    fg = model.foreground_mask(labels)[0]
+    fg = model.label_anchors(anchors, [inputs[0]["instances"]]).foreground[0]
     per_level = [int(m.sum()) for m in fg.split([len(a) for a in anchors])]
     assert result.fg_per_level.sum(axis=0).tolist() == per_level
 

@@ -106,13 +106,11 @@ def test_training_losses_do_not_change():
     losses, _ = _train_step(model, batch)
     # the same computation without the metrics: label, then the loss terms with the normalizer
     model.loss_normalizer = 100.0
-    images = model.preprocess_image(batch)
-    anchors, logits, deltas = model.predict(images)
-    gt_labels, gt_boxes = model.label_batch(batch, anchors)
-    num_fg = model.foreground_mask(gt_labels).sum().item()
+    anchors, logits, deltas, assignment = model.labelled_predictions(batch)
+    num_fg = assignment.foreground.sum().item()
     normalizer = 0.9 * 100.0 + 0.1 * num_fg
     expected = model.loss_terms(
-        Boxes.cat(anchors).tensor, torch.cat(logits, 1), torch.cat(deltas, 1), gt_labels, gt_boxes, normalizer
+        Boxes.cat(anchors).tensor, torch.cat(logits, 1), torch.cat(deltas, 1), assignment, normalizer
     )
     for name, value in expected.items():
         assert torch.equal(losses[name], value), name

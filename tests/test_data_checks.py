@@ -103,12 +103,11 @@ def test_tiny_extreme_and_empty_images_train_and_predict(height, width, boxes, c
 
 def test_zero_area_box_is_dropped_not_matched_to_every_anchor(caplog):
     model = RetinaFocalTrainer.build_model(small_cfg())
-    batch = [{"instances": make_instances([[10, 10, 10, 40], [20, 20, 60, 60]], [0, 1]), "image_id": 3}]
-    images = model.preprocess_image([{"image": torch.zeros(3, 128, 128)}])
-    anchors, _, _ = model.predict(images)
-    gt_labels, _ = model.label_batch(batch, anchors)
-    assert 0 < int(model.foreground_mask(gt_labels).sum()) < 50
-    assert not (gt_labels == 0).any()  # the zero-width box of class 0 got no anchor
+    batch = [{"image": torch.zeros(3, 128, 128), "image_id": 3,
+              "instances": make_instances([[10, 10, 10, 40], [20, 20, 60, 60]], [0, 1])}]
+    assignment = model.labelled_predictions(batch)[3]
+    assert 0 < int(assignment.foreground.sum()) < 50
+    assert not (assignment.labels == 0).any()  # the zero-width box of class 0 got no anchor
 
 
 def _image_set(folder):

@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from detectron2.modeling import build_model  # noqa: E402
+from detectron2.modeling import build_model, detector_postprocess  # noqa: E402
 from detectron2.structures import Boxes, pairwise_iou  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 from fvcore.nn import sigmoid_focal_loss_jit  # noqa: E402
@@ -49,7 +49,6 @@ from torchvision.ops import sigmoid_focal_loss as torchvision_focal_loss  # noqa
 
 from retina_focal.engine import load_config  # noqa: E402
 from retina_focal.losses import FocalLoss, sigmoid_focal_loss  # noqa: E402
-from retina_focal.meta_arch import RetinaFocal  # noqa: E402
 from retina_focal.precision import amp_dtype, autocast, cpu_description, cpu_has_bf16_kernels  # noqa: E402
 from retina_focal.testing import (  # noqa: E402
     build_detectron2_twin,
@@ -302,17 +301,12 @@ def bench_inference(args, report: Report, device: torch.device) -> None:
         {name: (lambda m=m, f=f: m.head(f)) for name, (m, _, f, _) in stages.items()}, args.rounds, device),
         reference=THEIRS)
 
-    def ours_post(m, images, features, head_out):
-        results = m.inference(*m.dense_outputs(features, *head_out), images.image_sizes)
-        return m.postprocess(results, inputs, images.image_sizes)
+    def post(m, images, features, head_out):  # both are DenseDetectors: what their forward does after the head
+        results = m.forward_inference(images, features, head_out)
+        return [detector_postprocess(r, *image_size) for r, image_size in zip(results, images.image_sizes)]
 
-    def theirs_post(m, images, features, head_out):  # the rescaling loop of RetinaNet.forward is the same
-        return RetinaFocal.postprocess(m.forward_inference(images, features, head_out), inputs, images.image_sizes)
-
-    post = {OURS: ours_post, THEIRS: theirs_post}
     report.add_times("inference", f"post-processing, {size}", race(
-        {name: (lambda name=name, s=s: post[name](*s)) for name, s in stages.items()}, args.rounds, device),
-        reference=THEIRS)
+        {name: (lambda s=s: post(*s)) for name, s in stages.items()}, args.rounds, device), reference=THEIRS)
 
 
 def _status_bytes(key: str) -> int:

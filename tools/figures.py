@@ -44,6 +44,7 @@ from detectron2.structures import Boxes, pairwise_iou  # noqa: E402
 from retina_focal.checkpoint import load_inference_weights  # noqa: E402
 from retina_focal.engine import RetinaFocalTrainer, load_config  # noqa: E402
 from retina_focal.losses import sigmoid_focal_loss, sigmoid_focal_loss_star  # noqa: E402
+from retina_focal.matching import AnchorAssignment  # noqa: E402
 from retina_focal.visualize import save_figure  # noqa: E402
 
 PAPER_GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)  # the γ of Figures 1 and 4
@@ -159,19 +160,17 @@ def labelled_batches(
 
 
 @torch.no_grad()
-def run_and_label(model, batched_inputs: List[Dict]) -> Tuple[List, Tensor, Tensor, Tensor]:
-    """The model's anchors and logits and the §4 labels of its anchors, for one batch.
+def run_and_label(model, batched_inputs: List[Dict]) -> Tuple[List, Tensor, AnchorAssignment]:
+    """The model's anchors and logits and the §4 assignment of its anchors, for one batch.
 
     Returns:
         anchors (list[Boxes]): per level (HiWiA, 4).
         logits (Tensor): (N, R, K), R = sum(Hi*Wi*A).
-        gt_labels (Tensor): (N, R) in {-1 ignore, 0..K-1 class, K background}.
-        matched_boxes (Tensor): (N, R, 4) the ground-truth box of each foreground anchor.
+        assignment (AnchorAssignment): labels (N, R) in {-1 ignore, 0..K-1 class, K
+            background}, matched boxes and their indices.
     """
-    images = model.preprocess_image(batched_inputs)
-    anchors, logits, _ = model.predict(images)
-    gt_labels, matched_boxes = model.label_batch(batched_inputs, anchors)
-    return anchors, torch.cat(logits, dim=1), gt_labels, matched_boxes
+    anchors, logits, _, assignment = model.labelled_predictions(batched_inputs)
+    return anchors, torch.cat(logits, dim=1), assignment
 
 
 # ------------------------------------------------------------------------ Figure 4: loss CDFs
@@ -248,8 +247,8 @@ def collect_logits(model, cfg, dataset_name: str, num_images: int) -> Tuple[Tens
     indices = list(range(min(num_images, len(DatasetCatalog.get(dataset_name)))))
     pos, neg = [], []
     for batch in labelled_batches(cfg, dataset_name, indices):
-        _, logits, gt_labels, _ = run_and_label(model, batch)
-        p, n = split_logits(logits, gt_labels)
+        _, logits, assignment = run_and_label(model, batch)
+        p, n = split_logits(logits, assignment.labels)
         pos.append(p)
         neg.append(n)
     return torch.cat(pos), torch.cat(neg), len(indices)
@@ -330,14 +329,9 @@ def anchor_assignment(model, inputs: Dict) -> List[Dict]:
         {-1, 0..K-1, K}; "gt_index" (HiWiA,) the matched ground-truth box of foreground
         anchors (-1 elsewhere); all numpy, in the input frame.
     """
-    anchors, _, gt_labels, matched_boxes = run_and_label(model, [inputs])
-    labels, matched_boxes = gt_labels[0], matched_boxes[0]  # (R,), (R, 4)
-    gt_boxes = inputs["instances"].gt_boxes.tensor.to(matched_boxes.device)  # (G, 4)
-    fg = model.foreground_mask(labels)
-    gt_index = torch.full_like(labels, -1)
-    if len(gt_boxes):
-        same = (matched_boxes[:, None, :] == gt_boxes[None]).all(dim=2)  # (R, G)
-        gt_index[fg] = same[fg].float().argmax(dim=1)
+    anchors, _, assignment = run_and_label(model, [inputs])
+    labels = assignment.labels[0]  # (R,)
+    gt_index = torch.where(assignment.foreground[0], assignment.matched_idxs[0], -1)  # (R,)
     sizes = [len(a) for a in anchors]
     return [
         {"boxes": a.tensor.cpu().numpy(), "labels": lab.cpu().numpy(), "gt_index": idx.cpu().numpy()}

@@ -26,6 +26,7 @@ from detectron2.data.detection_utils import read_image
 from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.structures import BoxMode, Instances
 from detectron2.utils import comm
+from detectron2.utils.logger import log_first_n
 from PIL import Image
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "check_dataset_dicts",
     "check_gt_instances",
     "check_num_classes",
+    "check_training_inputs",
+    "drop_empty_boxes",
     "drop_unusable_images",
     "UnusableImageError",
     "image_file_problem",
@@ -112,6 +115,26 @@ def check_dataset_dicts(dicts: List[Dict], num_classes: int, dataset_names: Sequ
         raise ValueError(f"{len(problems)} invalid annotation(s) in {where}:\n  {listed}{more}")
     if zero_area:
         logger.warning(f"{zero_area} box(es) of zero width or height in {where} will be dropped")
+
+
+def check_training_inputs(batched_inputs: List[Dict], num_classes: int) -> None:
+    """Raise if a training batch has no "instances" or invalid ground truth
+    (:func:`check_gt_instances`); the model calls this before its forward pass."""
+    if any("instances" not in x for x in batched_inputs):
+        raise ValueError("RetinaFocal is in training mode but the inputs have no 'instances'")
+    check_gt_instances([x["instances"] for x in batched_inputs], num_classes, batched_inputs)
+
+
+def drop_empty_boxes(gt_instances: List[Instances]) -> List[Instances]:
+    """Remove boxes of zero width or height, as detectron2's DatasetMapper does (a box that
+    overlaps no anchor would make the matcher's low-quality rule mark every anchor foreground).
+    One device synchronization per batch."""
+    keeps = [x.gt_boxes.nonempty() for x in gt_instances]
+    num_dropped = int(sum((~keep).sum() for keep in keeps))
+    if num_dropped == 0:
+        return gt_instances
+    log_first_n(logging.WARNING, f"Dropped {num_dropped} ground-truth box(es) of zero area", n=5)
+    return [x[keep] for x, keep in zip(gt_instances, keeps)]
 
 
 def check_gt_instances(gt_instances: List[Instances], num_classes: int, batched_inputs: List[Dict]) -> None:

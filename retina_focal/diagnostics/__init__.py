@@ -10,7 +10,7 @@ from .anchor_coverage import (
     propose_anchors,
     with_anchors,
 )
-from .assignment import gt_assignment, log_assignment_metrics
+from .assignment import log_assignment_metrics
 from .error_analysis import (
     coco_evaluation,
     confusion_table,
@@ -29,7 +29,6 @@ __all__ = [
     "coverage_table",
     "propose_anchors",
     "with_anchors",
-    "gt_assignment",
     "log_assignment_metrics",
     "coco_evaluation",
     "confusion_table",

@@ -1,10 +1,9 @@
 """Assignment metrics logged every training iteration: how the §4 IoU rule treats the batch.
 
-RetinaFocal's ``label_anchors`` already holds, per image, the (G, R) IoU matrix of the
-ground-truth boxes with the anchors; :func:`gt_assignment` reduces it (no second IoU pass)
-to each box's best anchor IoU and its number of foreground anchors, and
-:func:`log_assignment_metrics` writes, to detectron2's EventStorage (so to ``metrics.json``
-and TensorBoard):
+The :class:`~retina_focal.matching.AnchorAssignment` that RetinaFocal's ``label_anchors``
+returns already holds each box's best anchor IoU and number of foreground anchors (from the
+matcher's IoU matrix: no second IoU pass); :func:`log_assignment_metrics` writes, to
+detectron2's EventStorage (so to ``metrics.json`` and TensorBoard):
 
 * ``assign/fg_anchors_per_image/<level>``: foreground anchors per image on each FPN level;
 * ``assign/gt_with_fg_anchor``: share of ground-truth boxes with at least one foreground
@@ -17,15 +16,14 @@ and TensorBoard):
 foreground IoU (see ``MODEL.RETINA_FOCAL.UNMATCHED_GT_WARN_FRACTION``).
 """
 import logging
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 from detectron2.modeling.matcher import Matcher
-from torch import Tensor
 
-from ..matching import foreground_counts
+from ..matching import AnchorAssignment
 
-__all__ = ["foreground_iou_threshold", "gt_assignment", "log_assignment_metrics", "warn_if_anchors_miss_boxes"]
+__all__ = ["foreground_iou_threshold", "log_assignment_metrics", "warn_if_anchors_miss_boxes"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,46 +34,24 @@ def foreground_iou_threshold(matcher: Matcher) -> float:
     return min(low for low, label in zip(lows, matcher.labels) if label == 1)
 
 
-def gt_assignment(iou: Tensor, matched_idxs: Tensor, anchor_labels: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per ground-truth box of one image: best anchor IoU and number of foreground anchors.
-
-    Args:
-        iou (Tensor): (G, R) IoU of the G boxes with the R anchors.
-        matched_idxs (Tensor): (R,) the matcher's box index of every anchor.
-        anchor_labels (Tensor): (R,) the matcher's labels in {-1, 0, 1}.
-
-    Returns:
-        best_iou (Tensor): (G,) float; num_fg (Tensor): (G,) int64.
-    """
-    num_gt = iou.shape[0]
-    best_iou = iou.max(dim=1).values if iou.numel() else iou.new_zeros(num_gt)  # (G,)
-    return best_iou, foreground_counts(matched_idxs, anchor_labels, num_gt)
-
-
 def log_assignment_metrics(
-    storage,
-    fg_mask: Tensor,
-    level_sizes: Sequence[int],
-    level_names: Sequence[str],
-    best_iou: Tensor,
-    num_fg: Tensor,
-    fg_iou: float,
+    storage, assignment: AnchorAssignment, level_sizes: Sequence[int], level_names: Sequence[str], fg_iou: float
 ) -> List[float]:
     """Write the ``assign/*`` scalars of one batch (module docstring) with one device sync.
 
     Args:
         storage (EventStorage): detectron2's current storage.
-        fg_mask (Tensor): (N, R) bool, foreground anchors of the batch.
+        assignment (AnchorAssignment): the batch's labels (N, R) and per-box statistics (B,).
         level_sizes (list[int]): HiWiA of each level, summing to R; level_names: e.g. p3…p7.
-        best_iou, num_fg (Tensor): (B,) over the B boxes of the batch, from :func:`gt_assignment`.
         fg_iou (float): the foreground IoU threshold.
 
     Returns:
         list[float]: [boxes, boxes with a foreground anchor, boxes with best IoU ≥ fg_iou],
         as counts (for :func:`warn_if_anchors_miss_boxes`).
     """
+    fg_mask, best_iou = assignment.foreground, assignment.gt_best_iou
     per_level = torch.stack([m.sum() for m in fg_mask.split(list(level_sizes), dim=1)]).float()  # (L,)
-    matched = num_fg > 0  # (B,)
+    matched = assignment.gt_num_foreground > 0  # (B,)
     counts = torch.stack([matched.sum(), (best_iou >= fg_iou).sum()]).float()  # (2,)
     matched_iou = (best_iou * matched).sum()
     values = torch.cat([per_level / fg_mask.shape[0], counts, matched_iou[None]]).tolist()
