@@ -67,9 +67,13 @@ def add_retina_focal_config(cfg: CN) -> CN:
     _C.MODEL.RETINA_FOCAL.LOSS.OHEM_BATCH_SIZE = 128
     _C.MODEL.RETINA_FOCAL.LOSS.OHEM_NMS_THRESH = 0.5
     _C.MODEL.RETINA_FOCAL.LOSS.OHEM_POSITIVE_FRACTION = -1.0
-    # OHEMLoss: NMS sees at most this many highest-loss anchors per image (0: all). The
-    # selection is exact whenever it lies among them; NMS over all ~100k anchors of a
-    # 600-px image takes 7-60 s on a CPU.
+    # OHEMLoss with a POSITIVE_FRACTION f: "ssd" = at most ⌊f·B⌋ positives and at most
+    # (1 - f)/f negatives per positive (SSD's rule, cited by §5.1 for "OHEM 1:3"; the Table 1d
+    # 1:3 configs use it); "positive_quota" = at most ⌊f·B⌋ positives, negatives fill to B.
+    _C.MODEL.RETINA_FOCAL.LOSS.OHEM_RATIO_RULE = "ssd"
+    # OHEMLoss: NMS sees at most this many highest-loss anchors per image when it picks the
+    # negatives (0: all); positives are always picked exactly, negatives whenever the choice
+    # lies among them. NMS over all ~100k anchors of a 600-px image takes 7-60 s on a CPU.
     _C.MODEL.RETINA_FOCAL.LOSS.OHEM_MAX_CANDIDATES = 4096
 
     # Anchor labelling. False: detectron2's (and Detectron's) rule, under which a ground-truth

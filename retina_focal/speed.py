@@ -19,7 +19,7 @@ grid anchors (retina_focal/anchors.py) returns the same tensors it would compute
 """
 import math
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, batched_nms, cat, nms

@@ -176,6 +176,6 @@ def test_a_truncated_last_checkpoint_names_the_previous_one_which_resumes_exactl
     proc = train(["--resume", "OUTPUT_DIR", out] + RUN)
     assert proc.returncode != 0
     assert f"Checkpoint {final} ({len(data) // 3} bytes) cannot be read" in proc.stderr, proc.stderr[-3000:]
-    assert f"to resume from it, add --resume RESUME.CHECKPOINT model_0000009.pth" in proc.stderr
+    assert "to resume from it, add --resume RESUME.CHECKPOINT model_0000009.pth" in proc.stderr
     _ok(train(["--resume", "OUTPUT_DIR", out] + RUN + ["RESUME.CHECKPOINT", "model_0000009.pth"]))
     assert _bitwise_equal(_weights(uninterrupted), _weights(out))

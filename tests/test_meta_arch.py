@@ -2,8 +2,7 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-from detectron2.layers import batched_nms, nms
-from detectron2.structures import Boxes, pairwise_iou
+from detectron2.structures import pairwise_iou
 from detectron2.utils.events import EventStorage
 
 from retina_focal import RetinaFocal
@@ -12,7 +11,6 @@ from retina_focal.testing import (
     make_detections_nontrivial,
     paired_detection_rows,
     random_images,
-    synthetic_batch,
 )
 from tests.conftest import make_instances, small_cfg
 
@@ -24,25 +22,6 @@ def _train_inputs():
         make_instances([[5, 5, 120, 110]], [1]),
     ]
     return [{"image": im, "instances": gt} for im, gt in zip(images, gts)]
-
-
-def test_matching_thresholds_fg_ignore_bg():
-    model = build_model(small_cfg())
-    gt = make_instances([[0, 0, 10, 10]], [2])
-    anchors = [Boxes(torch.tensor([[0, 0, 10, 10], [0, 0, 10, 22.5], [0, 0, 10, 30], [0, 0, 10, 18]]))]
-    # IoUs: 1.0 (fg), 0.444 (ignored band [0.4, 0.5)), 0.333 (bg), 0.555 (fg)
-    assignment = model.label_anchors(anchors, [gt])
-    assert assignment.labels.tolist() == [[2, -1, 3, 2]]  # K = 3 is background, -1 ignored
-    assert assignment.matched_boxes[0, 0].tolist() == [0, 0, 10, 10]
-    assert assignment.matched_idxs.tolist() == [[0, 0, 0, 0]]
-    assert assignment.gt_best_iou.tolist() == [1.0] and assignment.gt_num_foreground.tolist() == [2]
-
-
-def test_low_quality_match_keeps_every_box_one_anchor():
-    model = build_model(small_cfg())
-    gt = make_instances([[0, 0, 10, 10]], [1])
-    anchors = [Boxes(torch.tensor([[0, 0, 10, 30.0], [50, 50, 60, 60]]))]  # best IoU only 0.33
-    assert model.label_anchors(anchors, [gt]).labels.tolist() == [[1, 3]]
 
 
 def test_image_without_objects_is_all_background_and_trains():

@@ -1,148 +1,39 @@
-"""Property tests (hypothesis) of the focal loss, the box coding and the anchor matching.
-
-Each property is checked against something independent: torch's BCE, detectron2's
-Box2BoxTransform round trip and clamp, detectron2's Matcher, or values derived by hand.
-Derandomized, so a run is reproducible; small example counts keep the file to seconds.
-"""
+"""retina_focal/matching.py: the §4 IoU rule (thresholds, ignore band, low-quality matches),
+the assignment value, and EveryGTMatcher's repair (hypothesis, against detectron2's Matcher)."""
 import math
 
 import pytest
 import torch
-from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling import build_model
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, pairwise_iou
-from hypothesis import example, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.nn import functional as F
 
 from retina_focal.anchors import RetinaFocalAnchorGenerator
-from retina_focal.losses import sigmoid_focal_loss
 from retina_focal.matching import EveryGTMatcher, build_anchor_matcher
+from tests.conftest import make_instances, small_cfg
 
 SETTINGS = settings(max_examples=50, deadline=None, derandomize=True, database=None)
 
-# ---------------------------------------------------------------- focal loss (§3, eq. 5)
 
-HUGE = torch.tensor(1e30).item()  # 1e30 rounded to float32
-logit = st.floats(-HUGE, HUGE, width=32, allow_nan=False, allow_infinity=False)
-target = st.integers(0, 1)
-alphas = st.one_of(st.floats(0.0, 1.0), st.just(-1.0))  # -1: no α weighting
-gammas = st.floats(0.0, 5.0)
-logits_and_targets = st.lists(st.tuples(logit, target), min_size=1, max_size=32)
-
-
-def _tensors(pairs):
-    """(M,) float32 logits and (M,) float32 0/1 targets from (logit, target) pairs."""
-    x, y = zip(*pairs)
-    return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+def test_matching_thresholds_fg_ignore_bg():
+    model = build_model(small_cfg())
+    gt = make_instances([[0, 0, 10, 10]], [2])
+    anchors = [Boxes(torch.tensor([[0, 0, 10, 10], [0, 0, 10, 22.5], [0, 0, 10, 30], [0, 0, 10, 18]]))]
+    # IoUs: 1.0 (fg), 0.444 (ignored band [0.4, 0.5)), 0.333 (bg), 0.555 (fg)
+    assignment = model.label_anchors(anchors, [gt])
+    assert assignment.labels.tolist() == [[2, -1, 3, 2]]  # K = 3 is background, -1 ignored
+    assert assignment.matched_boxes[0, 0].tolist() == [0, 0, 10, 10]
+    assert assignment.matched_idxs.tolist() == [[0, 0, 0, 0]]
+    assert assignment.gt_best_iou.tolist() == [1.0] and assignment.gt_num_foreground.tolist() == [2]
 
 
-def _alpha_t(targets, alpha):
-    """α for positives, 1 - α for negatives, 1 when the weighting is off (α < 0); (M,)."""
-    if alpha < 0:
-        return torch.ones_like(targets)
-    return alpha * targets + (1 - alpha) * (1 - targets)
-
-
-@SETTINGS
-@given(logits_and_targets, alphas, gammas)
-@example([(HUGE, 0), (-HUGE, 1), (HUGE, 1), (-HUGE, 0), (1e4, 0), (-1e4, 1)], 0.25, 0.5)
-def test_focal_loss_and_gradient_are_finite_and_nonnegative(pairs, alpha, gamma):
-    x, y = _tensors(pairs)
-    x.requires_grad_(True)
-    loss = sigmoid_focal_loss(x, y, alpha, gamma)  # (M,)
-    assert torch.isfinite(loss).all() and (loss >= 0).all(), loss
-    assert torch.isfinite(sigmoid_focal_loss(x, y, alpha, gamma, reduction="sum"))
-    (grad,) = torch.autograd.grad(loss.sum(), x)
-    assert torch.isfinite(grad).all(), grad
-
-
-@SETTINGS
-@given(logits_and_targets, alphas)
-def test_gamma0_is_alpha_balanced_bce(pairs, alpha):
-    """γ = 0 gives α-balanced CE (eq. 3), here from torch's own BCE-with-logits."""
-    x, y = _tensors(pairs)
-    bce = F.binary_cross_entropy_with_logits(x, y, reduction="none") * _alpha_t(y, alpha)
-    # atol only covers losses below 1e-30, where both sides are subnormal floats
-    torch.testing.assert_close(sigmoid_focal_loss(x, y, alpha, gamma=0.0), bce, rtol=1e-5, atol=1e-30)
-
-
-@SETTINGS
-@given(st.lists(logit, min_size=2, max_size=32), target, alphas, gammas)
-def test_focal_loss_does_not_rise_with_p_t(x_t, y, alpha, gamma):
-    """A larger x_t = (2y - 1)·x (a larger p_t, an easier example) never costs more."""
-    x_t = torch.tensor(sorted(x_t), dtype=torch.float32)  # (M,) increasing p_t
-    targets = torch.full_like(x_t, float(y))
-    loss = sigmoid_focal_loss(x_t * (2 * y - 1), targets, alpha, gamma)  # (M,)
-    rise = loss[1:] - loss[:-1]  # (M - 1,)
-    assert (rise <= 1e-6 * loss[:-1] + 1e-30).all(), (x_t, loss)
-
-
-@SETTINGS
-@given(logits_and_targets, alphas, gammas)
-def test_focal_loss_is_at_most_alpha_balanced_ce(pairs, alpha, gamma):
-    """(1 - p_t)^γ ≤ 1 (eq. 4): FL never exceeds α_t·CE."""
-    x, y = _tensors(pairs)
-    ce = sigmoid_focal_loss(x, y, alpha, gamma=0.0)
-    assert (sigmoid_focal_loss(x, y, alpha, gamma) <= ce * (1 + 1e-6)).all()
-
-
-# ------------------------------------------------------ box coding (R-CNN, §4 "Box regression")
-
-BOX2BOX = Box2BoxTransform(weights=(1.0, 1.0, 1.0, 1.0))  # default scale_clamp
-MAX_SCALE = 1000.0 / 16  # scale_clamp = log(1000 / 16): a 16 px box grows to 1000 px at most
-
-
-def _xyxy(cx, cy, w, h):
-    """(N, 4) XYXY boxes from (N,) centres and sizes."""
-    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=1)
-
-
-@st.composite
-def anchors_and_boxes(draw, max_n=16):
-    """(N, 4) anchors, sides 8..1000 px and aspect 1:4..4:1, and (N, 4) boxes near them
-    whose size ratio to the anchor stays inside the clamp (1/50..50)."""
-    n = draw(st.integers(1, max_n))
-
-    def cols(lo, hi):
-        """(n,) floats drawn in [lo, hi]."""
-        return torch.tensor(draw(st.lists(st.floats(lo, hi), min_size=n, max_size=n)))
-
-    w = cols(8.0, 1000.0)
-    anchors = _xyxy(cols(0.0, 1000.0), cols(0.0, 1000.0), w, w * cols(0.25, 4.0))
-    aw, ah = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
-    boxes = _xyxy(
-        (anchors[:, 0] + anchors[:, 2]) / 2 + aw * cols(-3.0, 3.0),
-        (anchors[:, 1] + anchors[:, 3]) / 2 + ah * cols(-3.0, 3.0),
-        aw * cols(0.02, 50.0),
-        ah * cols(0.02, 50.0),
-    )
-    return anchors, boxes
-
-
-@SETTINGS
-@given(anchors_and_boxes())
-def test_box_coding_round_trip(anchors_boxes):
-    anchors, boxes = anchors_boxes
-    decoded = BOX2BOX.apply_deltas(BOX2BOX.get_deltas(anchors, boxes), anchors)
-    torch.testing.assert_close(decoded, boxes, rtol=1e-5, atol=1e-3)
-
-
-@SETTINGS
-@given(anchors_and_boxes(), st.lists(st.floats(-1e4, 1e4), min_size=4, max_size=4))
-@example((torch.tensor([[0.0, 0.0, 16.0, 16.0]]), None), [1e4, -1e4, 1e4, 1e4])
-def test_extreme_deltas_give_finite_boxes_within_the_clamp(anchors_boxes, delta):
-    anchors = anchors_boxes[0]  # (N, 4)
-    deltas = torch.tensor(delta).expand(len(anchors), 4)  # (N, 4) dx, dy, dw, dh
-    boxes = BOX2BOX.apply_deltas(deltas, anchors)  # (N, 4)
-    assert torch.isfinite(boxes).all()
-    sizes = boxes[:, 2:] - boxes[:, :2]  # (N, 2) w, h
-    bound = (anchors[:, 2:] - anchors[:, :2]) * MAX_SCALE  # (N, 2)
-    # float32 rounding of x1, x2 far from the origin (large dx): a few ulps of |x|
-    slack = 1e-5 * bound + 1e-6 * boxes.abs().view(-1, 2, 2).amax(dim=1)  # (N, 2)
-    assert (sizes >= 0).all() and (sizes <= bound + slack).all(), (sizes, bound)
-    clamped = deltas[:, 2:] >= math.log(MAX_SCALE)  # (N, 2): there the bound is reached
-    assert ((sizes - bound).abs() <= slack)[clamped].all(), (sizes, bound)
+def test_low_quality_match_keeps_every_box_one_anchor():
+    model = build_model(small_cfg())
+    gt = make_instances([[0, 0, 10, 10]], [1])
+    anchors = [Boxes(torch.tensor([[0, 0, 10, 30.0], [50, 50, 60, 60]]))]  # best IoU only 0.33
+    assert model.label_anchors(anchors, [gt]).labels.tolist() == [[1, 3]]
 
 
 # ------------------------------------------------------------------ anchor matching (§4)

@@ -1,59 +1,34 @@
-"""The focal loss (§3, eq. 5), its variants and the registry of classification losses.
+"""The focal loss (§3, eq. 5) and its family: FL* (Appendix A), α-balanced CE (γ = 0).
 
-A classification loss is chosen by ``MODEL.RETINA_FOCAL.LOSS.NAME`` and sees the whole
-batch at once: the logits of every anchor (N, R, K), the anchor labels produced by the
-matcher (N, R) and the loss normalizer. It returns one scalar, already normalized, so
-losses that select anchors (OHEM) or re-weight them fit the same interface.
+Two forms of the same loss, side by side:
 
-Registered: ``FocalLoss`` (§3.2, optionally with one α per class), ``FocalLossStar``
-(FL* of Appendix A) and ``OHEMLoss`` (the online hard example mining baseline of §5.1,
-Table 1d).
+* :func:`sigmoid_focal_loss`, the readable one: eq. 5 elementwise on (M, K) logits and
+  one-hot targets, in log space (fvcore's signature); :func:`sigmoid_focal_loss_star` is
+  FL* in the same style;
+* :func:`focal_loss_sum`, the one :class:`FocalLoss` trains with: the same sum over the
+  non-ignored anchors, computed from the anchor labels with its gradient in the same pass
+  (Appendix B's derivative), no one-hot target, one saved tensor. ``tests/test_losses_focal.py``
+  checks that it equals the readable form (value and gradient, in float64, to 1e-12).
 """
 import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import ciou_loss, diou_loss, nms
-from detectron2.modeling.box_regression import Box2BoxTransform
-from fvcore.nn import giou_loss, smooth_l1_loss
-from detectron2.utils.registry import Registry
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .utils import get_registered
+from .registry import RETINA_FOCAL_LOSS_REGISTRY
 
 __all__ = [
-    "RETINA_FOCAL_LOSS_REGISTRY",
     "FocalLoss",
     "FocalLossStar",
-    "OHEMLoss",
-    "anchor_cross_entropy",
-    "box_regression_loss",
-    "build_retina_focal_loss",
     "focal_loss_sum",
     "focal_loss_sum_and_grad",
-    "select_hard_examples",
     "sigmoid_focal_loss",
     "sigmoid_focal_loss_star",
     "valid_logits_and_targets",
 ]
-
-RETINA_FOCAL_LOSS_REGISTRY = Registry("RETINA_FOCAL_LOSS")
-RETINA_FOCAL_LOSS_REGISTRY.__doc__ = """
-Classification losses for RetinaFocal, selected by ``MODEL.RETINA_FOCAL.LOSS.NAME``.
-
-Built as ``obj(cfg)``. ``forward(logits, gt_labels, normalizer, anchors=None)`` takes
-
-* logits (Tensor): (N, R, K) classification logits of all R anchors of N images;
-* gt_labels (Tensor): (N, R) int64, a class in [0, K) for foreground anchors, K for
-  background and -1 for ignored anchors (IoU in [0.4, 0.5), §4);
-* normalizer (float): the (smoothed) number of foreground anchors (§4.1);
-* anchors (Tensor): (R, 4) XYXY anchors, the same for every image, for losses that need
-  geometry (e.g. OHEM's NMS);
-
-and returns the scalar loss, already normalized.
-"""
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -451,279 +426,3 @@ class FocalLossStar(FocalLoss):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, beta={self.beta}"
-
-
-def anchor_cross_entropy(logits: Tensor, gt_labels: Tensor) -> Tensor:
-    """Sigmoid CE of each anchor, summed over its K class columns (FL with γ = 0, no α).
-
-    With BCE(x, t) = softplus(x) - t·x: CE = Σ_k softplus(x_k) - x_label for a foreground
-    anchor, Σ_k softplus(x_k) for background. No one-hot (N, R, K) target is formed.
-
-    Args:
-        logits (Tensor): (..., K); half/bfloat16 computed in float32.
-        gt_labels (Tensor): (...) in {-1, 0..K-1, K}; ignored anchors (-1) are scored as
-            background, so mask them out.
-
-    Returns:
-        Tensor: (...), float32 (float64 for float64 logits).
-    """
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    num_classes = x.shape[-1]
-    label_logit = x.gather(-1, gt_labels.clamp(0, num_classes - 1).unsqueeze(-1)).squeeze(-1)  # (...)
-    foreground = (gt_labels >= 0) & (gt_labels < num_classes)
-    return F.softplus(x).sum(-1) - label_logit * foreground
-
-
-def _take_hardest(
-    survivors: Tensor, is_foreground: Tensor, batch_size: int, max_positives: Optional[int]
-) -> Tuple[Tensor, bool]:
-    """The ``batch_size`` first of ``survivors`` (hardest first), at most ``max_positives``
-    of them foreground (None: no limit), the rest background.
-
-    Returns:
-        (Tensor, bool): the chosen indices, and whether they are final: True once
-        ``survivors`` holds enough of each kind that harder-to-reach, easier survivors
-        could not replace any of them.
-    """
-    if max_positives is None:
-        return survivors[:batch_size], len(survivors) >= batch_size
-    positives, negatives = survivors[is_foreground], survivors[~is_foreground]
-    num_positives = min(len(positives), max_positives)
-    chosen = torch.cat([positives[:num_positives], negatives[: batch_size - num_positives]])
-    return chosen, len(positives) >= max_positives and len(negatives) >= batch_size - max_positives
-
-
-def _hardest_survivors(
-    scores: Tensor,
-    num_valid: int,
-    foreground: Tensor,
-    anchors: Tensor,
-    batch_size: int,
-    nms_thresh: float,
-    max_positives: Optional[int],
-    max_candidates: int,
-) -> Tensor:
-    """OHEM's choice in one image; see :func:`select_hard_examples`.
-
-    Greedy NMS visits boxes hardest first and a box's fate depends only on harder boxes,
-    so the survivors among the C hardest anchors are exactly the survivors of NMS over all
-    anchors down to the C-th loss. C therefore starts at 2·B and doubles until the choice
-    is final, or C reaches the valid anchors or ``max_candidates``. (torchvision's NMS over
-    all ~113k anchors of a 600x1000 image takes 7-60 s on a CPU; over 256-4096 candidates,
-    1-80 ms.)
-
-    Args:
-        scores (Tensor): (R,) anchor losses, -inf at ignored anchors.
-        num_valid (int): number of finite ``scores``; C never exceeds it, so ignored
-            anchors are never candidates.
-        foreground (Tensor): (R,) bool.
-
-    Returns:
-        Tensor: (S,) indices in [0, R), S ≤ ``batch_size``, hardest first per kind.
-    """
-    limit = num_valid if max_candidates <= 0 else min(num_valid, max_candidates)
-    num_candidates = min(2 * batch_size, limit)
-    while True:
-        top_losses, top_idx = scores.topk(num_candidates)  # (C,), hardest first
-        keep = nms(anchors[top_idx], top_losses.to(anchors.dtype), nms_thresh)  # hardest first
-        survivors = top_idx[keep]
-        chosen, final = _take_hardest(survivors, foreground[survivors], batch_size, max_positives)
-        if final or num_candidates == limit:
-            return chosen
-        num_candidates = min(2 * num_candidates, limit)
-
-
-def select_hard_examples(
-    losses: Tensor,
-    valid: Tensor,
-    foreground: Tensor,
-    anchors: Tensor,
-    *,
-    batch_size: int,
-    nms_thresh: float,
-    positive_fraction: float = -1.0,
-    max_candidates: int = 4096,
-) -> Tensor:
-    """Online hard example mining (OHEM [31], §5.1): the anchors each image trains on.
-
-    Per image: NMS over the boxes of the valid anchors with their loss as score (IoU >
-    ``nms_thresh`` suppressed), then the ``batch_size`` highest-loss survivors. With
-    ``positive_fraction`` f ≥ 0 ("OHEM 1:3", SSD [22]: f = 0.25) the ⌊f·B⌋ hardest
-    foreground survivors come first, so the minibatch has positives (§5.1), and the hardest
-    background survivors fill the rest; ⌊·⌋ as in detectron2's ``subsample_labels``, so
-    the positive share never exceeds f.
-
-    Args:
-        losses (Tensor): (N, R) loss of each anchor, the hardness score; no gradient needed.
-        valid (Tensor): (N, R) bool, non-ignored anchors; the others are never selected.
-        foreground (Tensor): (N, R) bool, anchors assigned to a ground-truth box.
-        anchors (Tensor): (R, 4) XYXY boxes, the same for every image.
-        batch_size (int): B ≥ 1, anchors per image.
-        nms_thresh (float): IoU threshold in [0, 1].
-        positive_fraction (float): f in [0, 1], or < 0 for no limit on the positives.
-        max_candidates (int): NMS sees at most this many highest-loss anchors per image
-            (0: all); the choice is exact whenever it lies among them.
-
-    Returns:
-        Tensor: (N, R) bool, at most B selected anchors per image.
-    """
-    max_positives = int(positive_fraction * batch_size) if positive_fraction >= 0 else None
-    scores = losses.masked_fill(~valid, -math.inf)  # (N, R)
-    selected = torch.zeros_like(valid)
-    for i, num_valid in enumerate(valid.sum(dim=1).tolist()):  # NMS is per image
-        chosen = _hardest_survivors(
-            scores[i], num_valid, foreground[i], anchors, batch_size, nms_thresh, max_positives, max_candidates
-        )
-        selected[i, chosen] = True
-    return selected
-
-
-def _check_ohem(batch_size: int, nms_thresh: float, positive_fraction: float, max_candidates: int) -> None:
-    key = "MODEL.RETINA_FOCAL.LOSS.OHEM_"
-    if batch_size < 1:
-        raise ValueError(f"{key}BATCH_SIZE must be >= 1, got {batch_size}")
-    if not 0.0 <= nms_thresh <= 1.0:
-        raise ValueError(f"{key}NMS_THRESH must be in [0, 1], got {nms_thresh}")
-    if not math.isfinite(positive_fraction) or positive_fraction > 1:
-        raise ValueError(f"{key}POSITIVE_FRACTION must be in [0, 1], or negative for no ratio, got {positive_fraction}")
-    if 0 < max_candidates < batch_size:
-        raise ValueError(
-            f"{key}MAX_CANDIDATES must be 0 (all) or >= {key}BATCH_SIZE = {batch_size}, got {max_candidates}"
-        )
-
-
-@RETINA_FOCAL_LOSS_REGISTRY.register()
-class OHEMLoss(nn.Module):
-    """Cross entropy on hard examples mined online: the OHEM baselines of §5.1, Table 1d.
-
-    Each non-ignored anchor is scored by its CE (:func:`anchor_cross_entropy`: sigmoid BCE
-    summed over the K classes, the focal loss with γ = 0 and no α), and
-    :func:`select_hard_examples` picks per image the B highest-loss survivors of NMS
-    (optionally at most ⌊f·B⌋ positives, "OHEM 1:3"). Selection runs without gradient;
-    only the selected anchors get one.
-
-    Normalization (the paper does not say): the CE summed over the selected anchors of the
-    batch, divided by their number, i.e. the mean over the minibatch as in OHEM [31] and
-    Fast R-CNN, whose loss averages over the sampled RoIs. The ``normalizer`` (foreground
-    anchors among all ~100k) is unused: the loss covers only the selected minibatch, which
-    in plain OHEM may hold few or no positives, and dividing by the image's foreground count
-    would tie the CE's scale to the number of objects instead of to the minibatch. The box
-    loss is unaffected (still divided by the foreground count).
-    """
-
-    @configurable
-    def __init__(
-        self,
-        *,
-        batch_size: int = 128,
-        nms_thresh: float = 0.5,
-        positive_fraction: float = -1.0,
-        max_candidates: int = 4096,
-    ):
-        """
-        Args:
-            batch_size (int): anchors per image, B; Table 1d: 128, 256, 512.
-            nms_thresh (float): NMS IoU threshold; Table 1d: 0.5, 0.7.
-            positive_fraction (float): at most this share of positives (0.25 = 1:3), < 0: no
-                limit. Best in Table 1d: B = 128, NMS 0.5, no limit (32.8 AP).
-            max_candidates (int): highest-loss anchors per image that NMS may see (0: all).
-        """
-        super().__init__()
-        _check_ohem(batch_size, nms_thresh, positive_fraction, max_candidates)
-        self.batch_size = batch_size
-        self.nms_thresh = nms_thresh
-        self.positive_fraction = positive_fraction
-        self.max_candidates = max_candidates
-
-    @classmethod
-    def from_config(cls, cfg):
-        loss_cfg = cfg.MODEL.RETINA_FOCAL.LOSS
-        return {
-            "batch_size": loss_cfg.OHEM_BATCH_SIZE,
-            "nms_thresh": loss_cfg.OHEM_NMS_THRESH,
-            "positive_fraction": loss_cfg.OHEM_POSITIVE_FRACTION,
-            "max_candidates": loss_cfg.OHEM_MAX_CANDIDATES,
-        }
-
-    def forward(
-        self, logits: Tensor, gt_labels: Tensor, normalizer: float, anchors: Optional[Tensor] = None
-    ) -> Tensor:
-        """See ``RETINA_FOCAL_LOSS_REGISTRY``; ``anchors`` is required, ``normalizer`` unused."""
-        if anchors is None:
-            raise ValueError("OHEMLoss needs the (R, 4) anchors for its NMS")
-        with torch.no_grad():
-            selected = self.select(logits, gt_labels, anchors)  # (N, R)
-        loss = anchor_cross_entropy(logits[selected], gt_labels[selected]).sum()
-        return loss / selected.sum().clamp(min=1)
-
-    def select(self, logits: Tensor, gt_labels: Tensor, anchors: Tensor) -> Tensor:
-        """(N, R) bool: the anchors the loss trains on (arguments as in ``forward``)."""
-        valid = gt_labels >= 0  # (N, R)
-        foreground = valid & (gt_labels < logits.shape[-1])
-        return select_hard_examples(
-            anchor_cross_entropy(logits, gt_labels),
-            valid,
-            foreground,
-            anchors,
-            batch_size=self.batch_size,
-            nms_thresh=self.nms_thresh,
-            positive_fraction=self.positive_fraction,
-            max_candidates=self.max_candidates,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"batch_size={self.batch_size}, nms_thresh={self.nms_thresh}, "
-            f"positive_fraction={self.positive_fraction}, max_candidates={self.max_candidates}"
-        )
-
-
-def build_retina_focal_loss(cfg) -> nn.Module:
-    """Build the classification loss named by ``cfg.MODEL.RETINA_FOCAL.LOSS.NAME``."""
-    loss_cls = get_registered(
-        RETINA_FOCAL_LOSS_REGISTRY, cfg.MODEL.RETINA_FOCAL.LOSS.NAME, "MODEL.RETINA_FOCAL.LOSS.NAME"
-    )
-    return loss_cls(cfg)
-
-
-# BBOX_REG_LOSS_TYPE -> loss on decoded boxes (x1, y1, x2, y2); "smooth_l1" works on deltas.
-_BOX_IOU_LOSSES = {"giou": giou_loss, "diou": diou_loss, "ciou": ciou_loss}
-BOX_REG_LOSS_TYPES = ("smooth_l1",) + tuple(_BOX_IOU_LOSSES)
-
-
-def box_regression_loss(
-    anchors: Tensor,
-    pred_deltas: Tensor,
-    matched_gt_boxes: Tensor,
-    fg_mask: Tensor,
-    box2box_transform: Box2BoxTransform,
-    loss_type: str = "smooth_l1",
-    smooth_l1_beta: float = 0.0,
-) -> Tensor:
-    """Sum of the box loss over foreground anchors (the R-CNN parameterization, §4).
-
-    Same value as detectron2's ``_dense_box_regression_loss``, but targets are encoded (or
-    predictions decoded) for the foreground anchors only, not for all N·R anchors.
-
-    Args:
-        anchors (Tensor): (R, 4) XYXY anchors, shared by the N images.
-        pred_deltas (Tensor): (N, R, 4) predicted deltas.
-        matched_gt_boxes (Tensor): (N, R, 4) matched ground-truth boxes (used where fg).
-        fg_mask (Tensor): (N, R) bool, foreground anchors.
-        loss_type (str): one of ``BOX_REG_LOSS_TYPES``.
-        smooth_l1_beta (float): β of smooth-L1 (0 = L1).
-
-    Returns:
-        Tensor: scalar, not normalized.
-    """
-    fg_anchors = anchors.unsqueeze(0).expand_as(pred_deltas)[fg_mask]  # (P, 4)
-    fg_pred = pred_deltas[fg_mask]  # (P, 4)
-    fg_pred = fg_pred.to(torch.promote_types(fg_pred.dtype, torch.float32))  # half: in float32 (AMP)
-    fg_gt = matched_gt_boxes[fg_mask]  # (P, 4)
-    if loss_type == "smooth_l1":
-        target = box2box_transform.get_deltas(fg_anchors, fg_gt)
-        return smooth_l1_loss(fg_pred, target, beta=smooth_l1_beta, reduction="sum")
-    if loss_type not in _BOX_IOU_LOSSES:
-        raise ValueError(f"MODEL.RETINANET.BBOX_REG_LOSS_TYPE must be one of {BOX_REG_LOSS_TYPES}, got {loss_type!r}")
-    pred_boxes = box2box_transform.apply_deltas(fg_pred, fg_anchors)
-    return _BOX_IOU_LOSSES[loss_type](pred_boxes, fg_gt, reduction="sum")
