@@ -135,9 +135,7 @@ class RetinaFocalTrainer(DefaultTrainer):
 
     def build_hooks(self):
         ret = super().build_hooks()
-        for hook in ret:
-            if isinstance(hook, hooks.PeriodicWriter):
-                hook._period = self.cfg.SOLVER.LOG_PERIOD
+        _set_writer_period(ret, self.cfg.SOLVER.LOG_PERIOD)
         # TEST.VAL_LOSS_PERIOD, SOLVER.BEST_CHECKPOINT_METRIC (retina_focal/hooks.py)
         return insert_diagnostic_hooks(self.cfg, ret, self.checkpointer)
 
@@ -224,6 +222,16 @@ class RetinaFocalTrainer(DefaultTrainer):
         return evaluator_class(cfg.TEST.EVALUATOR)(
             dataset_name, output_dir=output_folder, score_thresh=cfg.MODEL.RETINANET.SCORE_THRESH_TEST
         )
+
+
+def _set_writer_period(trainer_hooks: List, period: int) -> None:
+    """``SOLVER.LOG_PERIOD`` for the writers hook. detectron2's ``DefaultTrainer.build_hooks``
+    fixes it ("ret.append(hooks.PeriodicWriter(self.build_writers(), period=20))") and
+    ``PeriodicWriter`` has no public setter; building a second one would open the writers'
+    files twice. So the private attribute is set, here only."""
+    for hook in trainer_hooks:
+        if isinstance(hook, hooks.PeriodicWriter):
+            hook._period = period
 
 
 def run_facts(cfg, data_loader) -> Dict:

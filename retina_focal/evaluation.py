@@ -170,8 +170,13 @@ def _faster_cocoeval_class():
 
 @contextlib.contextmanager
 def _detectron2_fast_cocoeval(cocoeval_cls):
-    """Make COCOEvaluator's "fast implementation" (``COCOeval_opt``, which is pycocotools'
-    COCOeval when detectron2 has no compiled ``_C``) be ``cocoeval_cls`` for a while."""
+    """Make COCOEvaluator's "fast implementation" be ``cocoeval_cls`` for a while.
+
+    The one patch of detectron2 in retina_focal: detectron2 0.7's COCOEvaluator has no
+    argument for its COCOeval class. It reads the module global ``COCOeval_opt`` (pycocotools'
+    COCOeval when detectron2 has no compiled ``_C``) in ``__init__`` ("if use_fast_impl and
+    (COCOeval_opt is COCOeval): ... use_fast_impl = False") and in ``_eval_predictions``
+    ("cocoeval_fn=COCOeval_opt if self._use_fast_impl else COCOeval")."""
     saved = d2_coco_evaluation.COCOeval_opt
     d2_coco_evaluation.COCOeval_opt = cocoeval_cls
     try:
@@ -200,8 +205,9 @@ class RetinaFocalFastCOCOEvaluator(RetinaFocalCOCOEvaluator):
             ImportError: faster-coco-eval is not installed (the message gives the pip command).
         """
         self._cocoeval_cls = _faster_cocoeval_class()
-        super().__init__(dataset_name, tasks, distributed, output_dir, **kwargs)
-        self._use_fast_impl = True  # COCOEvaluator turns it off when detectron2._C is missing
+        kwargs["use_fast_impl"] = True
+        with _detectron2_fast_cocoeval(self._cocoeval_cls):  # so that use_fast_impl stays on
+            super().__init__(dataset_name, tasks, distributed, output_dir, **kwargs)
 
     def _eval_predictions(self, predictions: List[Dict], img_ids=None):
         with _detectron2_fast_cocoeval(self._cocoeval_cls):

@@ -4,25 +4,28 @@ import os
 from typing import Dict, List, Sequence
 
 import cv2
-import matplotlib
+import numpy as np
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.utils.visualizer import Visualizer
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
-from detectron2.utils.visualizer import Visualizer  # noqa: E402
+__all__ = ["read_metrics", "plot_training_curves", "draw_predictions", "new_figure", "save_figure"]
 
-__all__ = ["read_metrics", "plot_training_curves", "draw_predictions", "save_figure"]
+
+def new_figure(nrows: int = 1, ncols: int = 1, *, figsize, **subplot_kw):
+    """(figure, axes) as pyplot's ``subplots`` gives them, as a plain matplotlib ``Figure``:
+    no backend is chosen or changed (nothing global), and nothing needs closing."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **subplot_kw)
 
 
 def save_figure(fig, output: str, dpi: int = 110) -> str:
-    """Lay out ``fig``, write it as a PNG (folders created), close it; returns ``output``."""
+    """Lay out ``fig``, write it as a PNG (folders created); returns ``output``."""
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
     fig.tight_layout()
     fig.savefig(output, dpi=dpi)
-    plt.close(fig)
     return output
 
 
@@ -40,7 +43,7 @@ def _series(rows: List[Dict], key: str):
 def plot_training_curves(metrics_json: str, out_png: str, ap_key: str = "bbox/AP") -> str:
     """Loss terms (log scale) and learning rate, and COCO AP at each evaluation, vs iteration."""
     rows = read_metrics(metrics_json)
-    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_ap) = new_figure(1, 2, figsize=(11, 4))
     for key in ("total_loss", "loss_cls", "loss_box_reg"):
         ax_loss.plot(*_series(rows, key), label=key)
     ax_loss.set_yscale("log")

@@ -1,14 +1,10 @@
 """tools/benchmark.py end to end on a tiny model: every section writes its rows."""
 import csv
-import os
-import sys
 
 import pytest
 
-from tests.conftest import REPO
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import benchmark  # noqa: E402
+from tools import benchmark
 
 TINY = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.FPN.OUT_CHANNELS", "64"]
 

@@ -1,13 +1,11 @@
 """docs/config_reference.md is tools/config_reference.py's output; the parser reads comments."""
 import os
-import sys
 
 import pytest
 
 from tests.conftest import REPO
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import config_reference  # noqa: E402
+from tools import config_reference
 
 
 def test_committed_reference_is_up_to_date():

@@ -2,7 +2,6 @@
 input sizes, and, through retina_focal.export.postprocess, PyTorch's detections."""
 import os
 import re
-import sys
 
 import cv2
 import numpy as np
@@ -16,8 +15,7 @@ from retina_focal.predict import load_model
 
 from tests.conftest import REPO, small_cfg
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import export as export_tool  # noqa: E402
+from tools import export as export_tool
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

@@ -1,7 +1,6 @@
 """TEST.EVALUATOR faster_coco_eval: the metrics of pycocotools to 1e-4, chosen by config."""
 import json
 import math
-import os
 import re
 import sys
 
@@ -13,10 +12,9 @@ from detectron2.structures import Boxes, Instances
 from retina_focal.engine import RetinaFocalTrainer
 from retina_focal.evaluation import RetinaFocalCOCOEvaluator, RetinaFocalFastCOCOEvaluator
 
-from tests.conftest import REPO, small_cfg
+from tests.conftest import small_cfg
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import bench_eval  # noqa: E402
+from tools import bench_eval
 
 pytest.importorskip("faster_coco_eval")
 

@@ -1,6 +1,5 @@
 """tools/figures.py: each subcommand writes a real PNG; the curves match the formulas by hand."""
 import os
-import sys
 
 import matplotlib.image
 import numpy as np
@@ -12,8 +11,7 @@ from retina_focal.checkpoint import RetinaFocalCheckpointer
 from retina_focal.engine import RetinaFocalTrainer
 from tests.conftest import REPO, make_instances, small_cfg
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import figures  # noqa: E402
+from tools import figures
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_OPTS = [

@@ -1,15 +1,12 @@
 """tools/gpu_check.py: without CUDA it says so and exits 0; with --device cpu --tiny its code
 (parity, AMP training with a GradScaler, the benchmark on the device) runs end to end."""
 import os
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import gpu_check  # noqa: E402
+from tools import gpu_check
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

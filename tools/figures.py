@@ -27,25 +27,22 @@ import os
 from typing import Dict, Iterator, List, Sequence, Tuple
 
 import matplotlib
+import numpy as np
+import torch
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
+from torch import Tensor
+from torch.nn import functional as F
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from torch import Tensor  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data.detection_utils import build_augmentation, convert_image_to_rgb
+from detectron2.structures import Boxes, pairwise_iou
 
-from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog  # noqa: E402
-from detectron2.data.detection_utils import build_augmentation, convert_image_to_rgb  # noqa: E402
-from detectron2.structures import Boxes, pairwise_iou  # noqa: E402
-
-from retina_focal.checkpoint import load_inference_weights  # noqa: E402
-from retina_focal.engine import RetinaFocalTrainer, load_config  # noqa: E402
-from retina_focal.losses import sigmoid_focal_loss, sigmoid_focal_loss_star  # noqa: E402
-from retina_focal.matching import AnchorAssignment  # noqa: E402
-from retina_focal.visualize import save_figure  # noqa: E402
+from retina_focal.checkpoint import load_inference_weights
+from retina_focal.engine import RetinaFocalTrainer, load_config
+from retina_focal.losses import sigmoid_focal_loss, sigmoid_focal_loss_star
+from retina_focal.matching import AnchorAssignment
+from retina_focal.visualize import new_figure, save_figure
 
 PAPER_GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)  # the γ of Figures 1 and 4
 BATCH_SIZE = 8  # images per forward pass in fig4
@@ -90,7 +87,7 @@ def _plot_loss_curves(
 ) -> str:
     """One axes of loss curves (y clipped to [0, 5] as in the paper), the well-classified
     region x > ``easy_from`` shaded."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig, ax = new_figure(figsize=(6.4, 4.6))
     lo, hi = np.floor(x.min()), np.ceil(x.max())
     ax.axvspan(easy_from, hi, color="0.92", zorder=0)
     ax.text((easy_from + hi) / 2, 2.5, "well-classified\nexamples", ha="center", va="center", color="0.35")
@@ -273,8 +270,8 @@ def _thin(x: np.ndarray, y: np.ndarray, num: int = PLOT_POINTS) -> Tuple[np.ndar
 def plot_figure4(data: Dict[str, Dict[float, Tuple]], counts: Dict[str, int], subtitle: str, output: str) -> str:
     """Two panels (positive, negative anchors), one CDF per γ; the legend gives the share
     of the loss carried by the hardest 20% of the anchors."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
-    colours = plt.cm.viridis(np.linspace(0, 0.9, len(data["positive"])))
+    fig, axes = new_figure(1, 2, figsize=(12, 5.2))
+    colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(data["positive"])))
     for ax, kind in zip(axes, ("positive", "negative")):
         for colour, (gamma, (x, y)) in zip(colours, data[kind].items()):
             share = hardest_share(x, y)
@@ -398,12 +395,12 @@ def plot_anchor_assignment(model, cfg, inputs: Dict, class_names: Sequence[str],
     rgb = convert_image_to_rgb(inputs["image"].permute(1, 2, 0).numpy(), cfg.INPUT.FORMAT)
     instances = inputs["instances"]
     gt_boxes, gt_classes = instances.gt_boxes.tensor.numpy(), instances.gt_classes.numpy()
-    colours = plt.cm.tab10(np.arange(len(gt_boxes)) % 10)
+    colours = matplotlib.colormaps["tab10"](np.arange(len(gt_boxes)) % 10)
     names = model.head_in_features
     strides = model.anchor_generator.strides
     ncols = 3
     nrows = -(-(len(levels) + 1) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 4.5 * nrows))
+    fig, axes = new_figure(nrows, ncols, figsize=(4.3 * ncols, 4.5 * nrows))
     axes = axes.ravel()
     for ax, level, name, stride in zip(axes, levels, names, strides):
         sides = np.sqrt(np.prod(level["boxes"][:, 2:] - level["boxes"][:, :2], axis=1))

@@ -2,14 +2,11 @@
 from typing import Dict, Sequence, Tuple
 
 import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .anchor_coverage import RATIO_EDGES, SIDE_EDGES, AnchorCoverage, _binned  # noqa: E402
-from ..visualize import save_figure  # noqa: E402
-from .error_analysis import FP_TYPES, MatchSummary  # noqa: E402
+from .anchor_coverage import RATIO_EDGES, SIDE_EDGES, AnchorCoverage, _binned
+from ..visualize import new_figure, save_figure
+from .error_analysis import FP_TYPES, MatchSummary
 
 __all__ = ["plot_anchor_coverage", "plot_confusion", "plot_precision_recall"]
 
@@ -30,7 +27,7 @@ def plot_anchor_coverage(
     anchor reaches the foreground IoU (solid) or the ignore band (dashed), before and after,
     over grey bars giving the number of boxes."""
     low, high = before.thresholds
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2.2, 1]})
+    fig, axes = new_figure(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2.2, 1]})
     panels = ((axes[0], "side", SIDE_EDGES, "{:.0f}", "box size √(w·h) at the input size (px)"),
               (axes[1], "aspect", RATIO_EDGES, "{:.2g}", "box aspect ratio h / w"))
     for ax, attr, edges, fmt, xlabel in panels:
@@ -65,8 +62,8 @@ def plot_precision_recall(
     """One panel per IoU threshold: each class's interpolated PR curve (legend: its AP) and
     the overall curve (mean precision over the classes, black); ``curves`` maps the IoU to
     :func:`retina_focal.diagnostics.error_analysis.precision_recall`'s output."""
-    fig, axes = plt.subplots(1, len(curves), figsize=(6.2 * len(curves), 5.2), squeeze=False)
-    colours = plt.cm.tab10(np.arange(len(class_names)) % 10)
+    fig, axes = new_figure(1, len(curves), figsize=(6.2 * len(curves), 5.2), squeeze=False)
+    colours = matplotlib.colormaps["tab10"](np.arange(len(class_names)) % 10)
     for ax, (iou, (recall, precision, overall)) in zip(axes[0], curves.items()):
         for k, name in enumerate(class_names):
             ax.plot(recall, precision[k], color=colours[k], linewidth=1.6, label=f"{name} (AP {ap[name]:.1f})")
@@ -89,7 +86,7 @@ def plot_confusion(summary: MatchSummary, class_names: Sequence[str], output: st
     cols = list(class_names) + ["missed"]
     matrix = summary.confusion
     row_sums = np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    fig, (ax, ax_fp) = plt.subplots(1, 2, figsize=(14, 5.6), gridspec_kw={"width_ratios": [1.15, 1]})
+    fig, (ax, ax_fp) = new_figure(1, 2, figsize=(14, 5.6), gridspec_kw={"width_ratios": [1.15, 1]})
     ax.imshow(matrix / row_sums, cmap="Blues", vmin=0, vmax=1)
     for i in range(matrix.shape[0]):
         for j in range(matrix.shape[1]):
