@@ -38,12 +38,21 @@ def test_output_shapes_per_level_and_shared_weights(num_convs, norm):
     logits, deltas = head(feats)
     assert [tuple(x.shape) for x in logits] == [(2, 45, s, s) for s in (16, 8, 4, 2, 1)]
     assert [tuple(x.shape) for x in deltas] == [(2, 36, s, s) for s in (16, 8, 4, 2, 1)]
-    # one set of weights serves every level: the parameter count does not depend on it
-    assert sum(p.numel() for p in head.parameters()) == sum(
-        p.numel() for p in RetinaFocalHead(in_channels=32, num_anchors=9, num_classes=5, num_convs=num_convs, norm=norm).parameters()
-    )
     convs_per_tower = sum(isinstance(m, torch.nn.Conv2d) for m in head.cls_subnet)
     assert convs_per_tower == num_convs
+    # one set of weights serves every level (§4: "parameters of this subnet are shared across
+    # all pyramid levels"): each level's output is the head applied to that level alone ...
+    for i, f in enumerate(feats):
+        alone_logits, alone_deltas = head([f])
+        torch.testing.assert_close(alone_logits[0], logits[i], rtol=0, atol=0)
+        torch.testing.assert_close(alone_deltas[0], deltas[i], rtol=0, atol=0)
+    # ... and every level's loss reaches every weight of both subnets (but a 1x1 level under
+    # GroupNorm, whose normalized output is its bias: its upstream gradient is 0)
+    for i in [i for i, f in enumerate(feats) if not (norm and f.shape[-1] == 1)]:
+        head.zero_grad()
+        logits, deltas = head(feats)
+        (logits[i].square().sum() + deltas[i].square().sum()).backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters()), i
 
 
 def test_layer_names_equal_detectron2_head():
