@@ -6,9 +6,9 @@
     python train_net.py --config-file ... --resume            # continue from last_checkpoint
     python train_net.py --num-gpus 2 --config-file ... MODEL.DEVICE cpu   # 2 gloo processes
 """
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import launch
 
-from retina_focal.engine import RetinaFocalTrainer, evaluate, setup
+from retina_focal.engine import RetinaFocalTrainer, argument_parser, evaluate, setup
 
 
 def main(args, trainer_cls=RetinaFocalTrainer):
@@ -34,4 +34,4 @@ def run(args, trainer_cls=RetinaFocalTrainer):
 
 
 if __name__ == "__main__":
-    run(default_argument_parser().parse_args())
+    run(argument_parser().parse_args())

@@ -80,6 +80,12 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # box can end up with no anchor when its best anchors overlap another box more. True:
     # such boxes then take their best free anchor (retina_focal.matching.EveryGTMatcher).
     _C.MODEL.RETINA_FOCAL.MATCH_EVERY_GT = False
+    # Crowd regions (COCO iscrowd, VOC difficult / the CSV ignore class as crowd, see DATASETS.*):
+    # > 0 keeps them through the mapper and ignores (-1) the background anchors a region
+    # covers by more than this share of the anchor's area (foreground anchors stay); 0 = the
+    # paper's and detectron2's behaviour: crowd boxes are dropped, their anchors train as
+    # background. retina_focal/data/mapper.py.
+    _C.MODEL.RETINA_FOCAL.CROWD_IGNORE_IOA = 0.0
     # Inference (§4.1 keeps MODEL.RETINANET.SCORE_THRESH_TEST for every class and NMS per
     # class). CLASS_SCORE_THRESH: one threshold per class (K values) instead; [] = off.
     _C.MODEL.RETINA_FOCAL.CLASS_SCORE_THRESH = []
@@ -118,6 +124,12 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # Iterations between two rows of metrics.json / the console log; each row holds the
     # median of the iterations since the previous one (1 = every iteration's own values).
     _C.SOLVER.LOG_PERIOD = 20
+    # Datasets named as specs in DATASETS.TRAIN / DATASETS.TEST ("coco:", "voc:", "csv:";
+    # retina_focal/data/formats.py): VOC objects marked <difficult> become crowd regions
+    # (ignored by COCOEvaluator, and by training with MODEL.RETINA_FOCAL.CROWD_IGNORE_IOA > 0)
+    # instead of boxes; rows of this CSV class name are crowd regions, not a class ("" = none).
+    _C.DATASETS.VOC_DIFFICULT_AS_CROWD = False
+    _C.DATASETS.CSV_IGNORE_CLASS = ""
     # Image files of the training and test sets, checked once before they are used (skipped
     # with a warning that names each file): "quick" = header and end marker (a truncated
     # JPEG/PNG has lost it; ~0.1 ms per image), "full" = decode every pixel, "none" = off.

@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import weakref
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -21,7 +21,7 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, default_setup, hooks
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, default_argument_parser, default_setup, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
@@ -29,6 +29,8 @@ from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AttributeState, RetinaFocalCheckpointer, RunFacts, load_inference_weights
 from .config import add_retina_focal_config
+from .data.mapper import build_train_mapper
+from .diagnostics.anchor_coverage import fit_anchors
 from .evaluation import evaluator_class
 from .hooks import insert_diagnostic_hooks
 from .precision import MixedPrecisionTrainer, amp_dtype
@@ -37,14 +39,20 @@ from .data import (
     build_resumable_train_loader,
     check_dataset_dicts,
     check_num_classes,
+    check_same_classes,
+    coco_json_for_evaluation,
+    dataset_folder_name,
     drop_unusable_images,
     image_check_args,
     register_builtin_shapes,
+    register_config_datasets,
+    resolve_num_classes,
 )
 
 __all__ = [
     "NonFiniteLossError",
     "RetinaFocalTrainer",
+    "argument_parser",
     "build_checkpointer",
     "build_step_trainer",
     "run_facts",
@@ -188,7 +196,7 @@ class RetinaFocalTrainer(DefaultTrainer):
         check_num_classes(num_classes, names)
         check_dataset_dicts(dicts, num_classes, names)
         dicts = drop_unusable_images(dicts, names, **image_check_args(cfg, is_train=True))
-        mapper = DatasetMapper(cfg, is_train=True)
+        mapper = build_train_mapper(cfg)
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
             logger.warning(
                 f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN}: detectron2's sampler is used, "
@@ -216,9 +224,11 @@ class RetinaFocalTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_folder_name(dataset_name))
         DatasetCatalog.get(dataset_name)  # datasets generated on first use must exist now
         check_num_classes(cfg.MODEL.RETINANET.NUM_CLASSES, [dataset_name])
+        check_same_classes(cfg.DATASETS.TRAIN, dataset_name)
+        coco_json_for_evaluation(dataset_name, output_folder)  # VOC and CSV sets
         return evaluator_class(cfg.TEST.EVALUATOR)(
             dataset_name, output_dir=output_folder, score_thresh=cfg.MODEL.RETINANET.SCORE_THRESH_TEST
         )
@@ -299,21 +309,50 @@ def _non_finite_loss_message(report: Dict, path: str) -> str:
 
 def load_config(config_file: str, opts: Sequence = ()) -> CfgNode:
     """detectron2's defaults + ``MODEL.RETINA_FOCAL`` + ``config_file`` + ``KEY VALUE``
-    overrides, not frozen; registers the built-in shapes datasets that configs may name."""
+    overrides, not frozen. Registers the built-in shapes datasets and the dataset specs
+    (``coco:``, ``voc:``, ``csv:``, retina_focal/data/formats.py) the config names, and
+    resolves ``MODEL.RETINANET.NUM_CLASSES 0`` to the training set's number of classes."""
+    cfg, notes = _config_and_notes(config_file, opts)
+    for note in notes:
+        logger.info(note)
+    return cfg
+
+
+def _config_and_notes(config_file: str, opts: Sequence = ()) -> Tuple[CfgNode, List[str]]:
+    """:func:`load_config`'s config, and what it registered and resolved (for the log)."""
     register_builtin_shapes()
     cfg = get_cfg()
     add_retina_focal_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
-    return cfg
+    notes = register_config_datasets(cfg)
+    notes.append(resolve_num_classes(cfg))
+    return cfg, [n for n in notes if n]
+
+
+def argument_parser():
+    """detectron2's ``default_argument_parser`` plus ``--fit-anchors``."""
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--fit-anchors",
+        action="store_true",
+        help="fit MODEL.ANCHOR_GENERATOR sizes and ratios to the boxes of DATASETS.TRAIN before training "
+        "(tools/anchor_stats.py's search); the run's config.yaml records them and the log gives the coverage",
+    )
+    return parser
 
 
 def setup(args):
-    """Build the frozen cfg from ``--config-file`` and trailing ``KEY VALUE`` overrides."""
-    cfg = load_config(args.config_file, args.opts)
+    """Build the frozen cfg from ``--config-file`` and trailing ``KEY VALUE`` overrides
+    (and, with ``--fit-anchors``, anchors fitted to the training boxes)."""
+    cfg, notes = _config_and_notes(args.config_file, args.opts)
+    if getattr(args, "fit_anchors", False):
+        notes.append(fit_anchors(cfg))
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retina_focal")  # into log.txt
+    for note in notes:  # logged now that the logger writes to the console and log.txt
+        logger.info(note)
     _share_cpu_threads(cfg)
     _configure_determinism(cfg)
     return cfg

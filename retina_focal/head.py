@@ -116,7 +116,10 @@ class RetinaFocalHead(nn.Module):
         """
         super().__init__()
         if num_classes < 1:
-            raise ValueError(f"MODEL.RETINANET.NUM_CLASSES must be >= 1, got {num_classes}")
+            raise ValueError(
+                f"MODEL.RETINANET.NUM_CLASSES must be >= 1, got {num_classes} (0 takes the training set's "
+                "number of classes when the config is loaded by train_net.py or retina_focal.engine.load_config)"
+            )
         if num_convs < 0:
             raise ValueError(f"MODEL.RETINANET.NUM_CONVS must be >= 0, got {num_convs}")
         if norm in _PER_LEVEL_NORMS:

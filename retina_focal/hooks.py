@@ -13,7 +13,7 @@ import logging
 from typing import Dict, Iterable, List
 
 import torch
-from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.data.detection_utils import build_augmentation
 from detectron2.engine import HookBase, hooks
 from detectron2.layers import cat
@@ -22,6 +22,7 @@ from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 from .data.checks import drop_unusable_images, image_check_args
+from .data.mapper import build_train_mapper
 
 __all__ = ["ValidationLoss", "build_validation_loader", "insert_diagnostic_hooks", "validation_losses"]
 
@@ -38,11 +39,7 @@ def build_validation_loader(cfg) -> Iterable[List[Dict]]:
     dicts = drop_unusable_images(dicts, cfg.DATASETS.TEST, **image_check_args(cfg, is_train=False))
     if cfg.TEST.VAL_LOSS_NUM_IMAGES > 0:
         dicts = dicts[: cfg.TEST.VAL_LOSS_NUM_IMAGES]
-    mapper = DatasetMapper(
-        is_train=True,  # keeps the annotations
-        augmentations=build_augmentation(cfg, is_train=False),
-        image_format=cfg.INPUT.FORMAT,
-    )
+    mapper = build_train_mapper(cfg, augmentations=build_augmentation(cfg, is_train=False))  # keeps the annotations
     batch_size = max(1, cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
     return build_detection_test_loader(
         dataset=dicts, mapper=mapper, batch_size=batch_size, num_workers=cfg.DATALOADER.NUM_WORKERS

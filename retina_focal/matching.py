@@ -21,7 +21,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 from detectron2.modeling.matcher import Matcher
-from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.structures import Boxes, Instances, pairwise_ioa, pairwise_iou
 from torch import Tensor
 
 __all__ = ["AnchorAssignment", "EveryGTMatcher", "assign_anchors", "build_anchor_matcher", "foreground_counts"]
@@ -67,18 +67,46 @@ class AnchorAssignment:
         )
 
 
+def _split_crowd_regions(instances: Instances) -> Tuple[Instances, Tensor]:
+    """(the boxes to match, the (C, 4) crowd regions) of one image (``gt_ignore`` rows,
+    retina_focal/data/mapper.py)."""
+    if not instances.has("gt_ignore"):
+        return instances, instances.gt_boxes.tensor[:0]
+    ignore = instances.gt_ignore
+    boxes = instances[~ignore]
+    return Instances(boxes.image_size, gt_boxes=boxes.gt_boxes, gt_classes=boxes.gt_classes), instances.gt_boxes.tensor[ignore]
+
+
+def _ignore_in_crowd_(labels: Tensor, anchors: Boxes, regions: Tensor, ioa_thresh: float, num_classes: int) -> None:
+    """In place: background anchors covered by a crowd region by more than ``ioa_thresh``
+    of their area become ignored (-1); foreground anchors stay."""
+    if len(regions) == 0:
+        return
+    covered = pairwise_ioa(Boxes(regions), anchors).max(dim=0).values > ioa_thresh  # (R,)
+    labels[covered & (labels == num_classes)] = -1
+
+
 @torch.no_grad()
-def assign_anchors(anchors: Boxes, gt_instances: List[Instances], matcher: Matcher, num_classes: int) -> AnchorAssignment:
+def assign_anchors(
+    anchors: Boxes, gt_instances: List[Instances], matcher: Matcher, num_classes: int, crowd_ioa: float = 0.0
+) -> AnchorAssignment:
     """Label every anchor of every image with a class, background or "ignore" (§4).
 
     Args:
         anchors (Boxes): (R, 4), all levels concatenated, shared by the images.
-        gt_instances (list[Instances]): per image, ``gt_boxes`` (XYXY) and ``gt_classes``.
+        gt_instances (list[Instances]): per image, ``gt_boxes`` (XYXY) and ``gt_classes``,
+            and crowd regions as ``gt_ignore`` rows if any (not matched).
         matcher (Matcher): the IoU rule (:func:`build_anchor_matcher`).
         num_classes (int): K, the label of background anchors.
+        crowd_ioa (float): > 0: background anchors whose intersection with a crowd region
+            exceeds this share of their area are ignored (``CROWD_IGNORE_IOA``).
+
+    Returns:
+        AnchorAssignment; its per-box fields cover the matched boxes, not the regions.
     """
     labels, boxes, idxs, best_iou, num_fg = [], [], [], [], []
     for instances in gt_instances:  # images differ in their number of boxes
+        instances, regions = _split_crowd_regions(instances)
         iou = pairwise_iou(instances.gt_boxes, anchors)  # (G, R)
         matched_idxs, anchor_labels = matcher(iou)  # (R,), (R,) in {-1, 0, 1}
         best_iou.append(iou.max(dim=1).values if iou.numel() else iou.new_zeros(len(instances)))  # (G,)
@@ -93,6 +121,8 @@ def assign_anchors(anchors: Boxes, gt_instances: List[Instances], matcher: Match
             image_labels = torch.full_like(matched_idxs, num_classes)
             boxes.append(torch.zeros_like(anchors.tensor))
             idxs.append(torch.full_like(matched_idxs, -1))
+        if crowd_ioa > 0:
+            _ignore_in_crowd_(image_labels, anchors, regions, crowd_ioa, num_classes)
         labels.append(image_labels)
     return AnchorAssignment(
         torch.stack(labels), torch.stack(boxes), torch.stack(idxs), torch.cat(best_iou), torch.cat(num_fg), num_classes

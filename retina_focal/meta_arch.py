@@ -104,6 +104,7 @@ class RetinaFocal(DenseDetector):
         channels_last: bool = True,
         fast_postprocess: bool = True,
         unmatched_gt_warn_fraction: float = 0.5,
+        crowd_ignore_ioa: float = 0.0,
         pixel_mean: Tuple[float, ...],
         pixel_std: Tuple[float, ...],
     ):
@@ -134,6 +135,9 @@ class RetinaFocal(DenseDetector):
                 retina_focal/speed.py (float rounding only).
             unmatched_gt_warn_fraction (float): warn (once) when more than this share of a
                 training batch's boxes has no anchor with the foreground IoU (in [0, 1]).
+            crowd_ignore_ioa (float): > 0: background anchors covered by a crowd region by
+                more than this share of their area are ignored (retina_focal/data/mapper.py);
+                0: crowd regions play no part (the paper).
             pixel_mean, pixel_std: per-channel input normalization.
         """
         super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
@@ -166,6 +170,9 @@ class RetinaFocal(DenseDetector):
         self.inference_dtype = inference_dtype
         self.fast_postprocess = fast_postprocess
         self.unmatched_gt_warn_fraction = unmatched_gt_warn_fraction
+        if not 0.0 <= crowd_ignore_ioa <= 1.0:
+            raise ValueError(f"MODEL.RETINA_FOCAL.CROWD_IGNORE_IOA must be in [0, 1] (0 = off), got {crowd_ignore_ioa}")
+        self.crowd_ignore_ioa = crowd_ignore_ioa
         self._warned_unmatched_gt = False
         apply_speed_transforms(self.backbone, self.head, fold_frozen_bn=fold_frozen_bn, channels_last=channels_last)
 
@@ -212,6 +219,7 @@ class RetinaFocal(DenseDetector):
             "channels_last": cfg.MODEL.RETINA_FOCAL.CHANNELS_LAST,
             "fast_postprocess": cfg.MODEL.RETINA_FOCAL.FAST_POSTPROCESS,
             "unmatched_gt_warn_fraction": cfg.MODEL.RETINA_FOCAL.UNMATCHED_GT_WARN_FRACTION,
+            "crowd_ignore_ioa": cfg.MODEL.RETINA_FOCAL.CROWD_IGNORE_IOA,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
@@ -258,13 +266,14 @@ class RetinaFocal(DenseDetector):
 
         Args:
             anchors (list[Boxes]): per level (HiWiA, 4).
-            gt_instances (list[Instances]): per image, ``gt_boxes`` and ``gt_classes``.
+            gt_instances (list[Instances]): per image, ``gt_boxes`` and ``gt_classes`` (and
+                crowd regions as ``gt_ignore`` rows, ignored with ``CROWD_IGNORE_IOA``).
 
         Returns:
             AnchorAssignment: labels (N, R) with R = sum(Hi*Wi*A), matched boxes (N, R, 4)
             and indices (N, R), and per box its best anchor IoU and foreground count.
         """
-        return assign_anchors(Boxes.cat(anchors), gt_instances, self.anchor_matcher, self.num_classes)
+        return assign_anchors(Boxes.cat(anchors), gt_instances, self.anchor_matcher, self.num_classes, self.crowd_ignore_ioa)
 
     def losses(
         self, anchors: List[Boxes], logits: List[Tensor], deltas: List[Tensor], assignment: AnchorAssignment

@@ -86,12 +86,12 @@ def test_missing_package_names_the_key_and_pip(monkeypatch, dataset):
     "name, cls", [("coco", RetinaFocalCOCOEvaluator), ("faster_coco_eval", RetinaFocalFastCOCOEvaluator)]
 )
 def test_trainer_builds_the_configured_evaluator(dataset, tmp_path, name, cls):
-    cfg = small_cfg("TEST.EVALUATOR", name, "OUTPUT_DIR", str(tmp_path))
+    cfg = small_cfg("TEST.EVALUATOR", name, "OUTPUT_DIR", str(tmp_path), "DATASETS.TRAIN", (dataset[0],))
     assert type(RetinaFocalTrainer.build_evaluator(cfg, dataset[0])) is cls
 
 
 def test_unknown_evaluator_lists_the_names(dataset, tmp_path):
-    cfg = small_cfg("TEST.EVALUATOR", "lvis", "OUTPUT_DIR", str(tmp_path))
+    cfg = small_cfg("TEST.EVALUATOR", "lvis", "OUTPUT_DIR", str(tmp_path), "DATASETS.TRAIN", (dataset[0],))
     with pytest.raises(ValueError, match=r"TEST.EVALUATOR must be one of \['coco', 'faster_coco_eval'\], got 'lvis'"):
         RetinaFocalTrainer.build_evaluator(cfg, dataset[0])
 

@@ -31,6 +31,7 @@ from retina_focal.diagnostics import (
 )
 from retina_focal.diagnostics.anchor_coverage import random_box_dicts
 from retina_focal.diagnostics.plots import plot_anchor_coverage
+from retina_focal.data import register_config_datasets
 from retina_focal.engine import load_config
 
 
@@ -68,7 +69,7 @@ def anchor_stats(cfg, dicts: List[Dict], name: str, output: str = "", propose: b
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--dataset", default="", help="registered dataset (default DATASETS.TRAIN[0])")
+    parser.add_argument("--dataset", default="", help="registered dataset or coco:/voc:/csv: spec (default DATASETS.TRAIN[0])")
     parser.add_argument("--num-images", type=int, default=0, help="first N images only (0: all)")
     parser.add_argument("--random-boxes", type=float, nargs=2, metavar=("MIN", "MAX"),
                         help="instead of a dataset: boxes with sides uniform in [MIN, MAX] px, 3 per image")
@@ -88,6 +89,7 @@ def main(argv: Sequence[str] = None) -> Dict:
         name = f"{low:g}-{high:g} px boxes in {args.image_size}-px images"
     else:
         name = args.dataset or cfg.DATASETS.TRAIN[0]
+        register_config_datasets(cfg, [name])  # a coco:/voc:/csv: spec given to --dataset
         dicts = DatasetCatalog.get(name)
         dicts = dicts[: args.num_images] if args.num_images > 0 else dicts
     return anchor_stats(cfg, dicts, name, args.output, propose=not args.no_proposal)

@@ -12,10 +12,10 @@ COCO results, plus training_curves.png and predictions/<image id>.png (predictio
 import os
 import time
 
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import launch
 from detectron2.utils import comm
 
-from retina_focal.engine import RetinaFocalTrainer, setup
+from retina_focal.engine import RetinaFocalTrainer, argument_parser, setup
 from retina_focal.visualize import draw_predictions, plot_training_curves
 
 DEFAULT_CONFIG = "configs/Shapes-Detection/retina_focal_R_18_FPN_demo.yaml"
@@ -62,7 +62,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = default_argument_parser()
+    parser = argument_parser()
     parser.set_defaults(config_file=DEFAULT_CONFIG)
     args = parser.parse_args()
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,

@@ -34,6 +34,7 @@ from retina_focal.diagnostics import (
 from retina_focal.diagnostics.error_analysis import load_coco_results
 from retina_focal.diagnostics.plots import plot_confusion, plot_precision_recall
 from retina_focal.checkpoint import load_inference_weights
+from retina_focal.data import register_config_datasets
 from retina_focal.engine import RetinaFocalTrainer, load_config
 
 PR_IOUS = (0.5, 0.75)  # one panel each
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--results", help="COCO results JSON (coco_instances_results.json)")
     source.add_argument("--weights", help="checkpoint to run on the dataset first")
-    parser.add_argument("--dataset", default="", help="registered dataset (default DATASETS.TEST[0])")
+    parser.add_argument("--dataset", default="", help="registered dataset or coco:/voc:/csv: spec (default DATASETS.TEST[0])")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="for the confusion matrix and FP types")
     parser.add_argument("--eval-dir", default="output/error_analysis", help="with --weights: evaluator output")
     parser.add_argument("--output-dir", default="output/error_analysis", help="where the PNGs go")
@@ -96,6 +97,7 @@ def main(argv: Sequence[str] = None) -> Dict:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config_file, args.opts)
     dataset = args.dataset or cfg.DATASETS.TEST[0]
+    register_config_datasets(cfg, [dataset])  # a coco:/voc:/csv: spec given to --dataset
     results = args.results or run_model(cfg, args.weights, dataset, args.eval_dir)
     return error_analysis(dataset, results, args.score_thresh, args.output_dir, args.prefix)
 

@@ -39,6 +39,7 @@ from detectron2.data.detection_utils import build_augmentation, convert_image_to
 from detectron2.structures import Boxes, pairwise_iou
 
 from retina_focal.checkpoint import load_inference_weights
+from retina_focal.data import register_config_datasets
 from retina_focal.engine import RetinaFocalTrainer, load_config
 from retina_focal.losses import sigmoid_focal_loss, sigmoid_focal_loss_star
 from retina_focal.matching import AnchorAssignment
@@ -418,6 +419,7 @@ def make_anchor_figure(cfg, output: str, dataset_index: int = 0, image: str = ""
     """The anchor assignment of one image of ``dataset_name`` (default ``DATASETS.TRAIN[0]``),
     chosen by index or by file name. Untrained weights suffice: labels depend on geometry."""
     dataset_name = dataset_name or cfg.DATASETS.TRAIN[0]
+    register_config_datasets(cfg, [dataset_name])  # a coco:/voc:/csv: spec
     if image:
         dataset_index = find_dataset_index(dataset_name, image)
     model = load_model(cfg)
@@ -443,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     choice = anchors.add_mutually_exclusive_group()
     choice.add_argument("--dataset-index", type=int, default=0, help="index in the dataset (default 0)")
     choice.add_argument("--image", default="", help="file name (or path) of an image of the dataset")
-    anchors.add_argument("--dataset", default="", help="registered dataset (default DATASETS.TRAIN[0])")
+    anchors.add_argument("--dataset", default="", help="registered dataset or coco:/voc:/csv: spec (default DATASETS.TRAIN[0])")
     for model_parser in (fig4, anchors):
         model_parser.add_argument("--config-file", required=True, metavar="FILE")
         model_parser.add_argument("--output", required=True, help="PNG file to write")

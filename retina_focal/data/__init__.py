@@ -1,16 +1,38 @@
-"""Built-in datasets of retina_focal, data checks and the resumable training stream."""
-from .checks import check_dataset_dicts, check_num_classes, drop_unusable_images, image_check_args
+"""Datasets (built-in shapes, and COCO / VOC / CSV specs named on the command line), data
+checks and the resumable training stream."""
+from .checks import (
+    check_dataset_dicts,
+    check_num_classes,
+    check_same_classes,
+    drop_unusable_images,
+    image_check_args,
+)
+from .formats import (
+    DatasetSpec,
+    coco_json_for_evaluation,
+    dataset_folder_name,
+    register_config_datasets,
+    register_dataset,
+    resolve_num_classes,
+)
 from .shapes import SHAPE_CLASSES, register_builtin_shapes, register_shapes
 from .train_stream import ResumableTrainLoader, build_resumable_train_loader
 
 __all__ = [
     "SHAPE_CLASSES",
+    "DatasetSpec",
     "ResumableTrainLoader",
     "build_resumable_train_loader",
     "check_dataset_dicts",
     "check_num_classes",
+    "check_same_classes",
+    "coco_json_for_evaluation",
+    "dataset_folder_name",
     "drop_unusable_images",
     "image_check_args",
     "register_builtin_shapes",
+    "register_config_datasets",
+    "register_dataset",
     "register_shapes",
+    "resolve_num_classes",
 ]

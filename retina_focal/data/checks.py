@@ -34,6 +34,7 @@ __all__ = [
     "check_dataset_dicts",
     "check_gt_instances",
     "check_num_classes",
+    "check_same_classes",
     "check_training_inputs",
     "drop_empty_boxes",
     "drop_unusable_images",
@@ -56,6 +57,19 @@ def check_num_classes(num_classes: int, dataset_names: Sequence[str]) -> None:
             raise ValueError(
                 f"MODEL.RETINANET.NUM_CLASSES={num_classes} but dataset {name!r} has "
                 f"{len(classes)} classes (metadata thing_classes); set MODEL.RETINANET.NUM_CLASSES {len(classes)}"
+            )
+
+
+def check_same_classes(train_names: Sequence[str], name: str) -> None:
+    """Raise if dataset ``name`` lists other classes (or another order) than the training
+    sets: the model's class k would be scored against another class."""
+    ours = MetadataCatalog.get(name).get("thing_classes", None)
+    for train in train_names:
+        theirs = MetadataCatalog.get(train).get("thing_classes", None)
+        if ours is not None and theirs is not None and list(ours) != list(theirs):
+            raise ValueError(
+                f"dataset {name!r} has the classes {list(ours)}, the training set {train!r} has {list(theirs)}; "
+                "the same names in the same order are needed (a CSV classes file or a VOC classes.txt fixes the order)"
             )
 
 
@@ -148,7 +162,8 @@ def check_gt_instances(gt_instances: List[Instances], num_classes: int, batched_
     """
     classes = torch.cat([x.gt_classes for x in gt_instances])  # (G,) over the batch
     boxes = torch.cat([x.gt_boxes.tensor for x in gt_instances])  # (G, 4)
-    bad = (classes < 0) | (classes >= num_classes) | ~torch.isfinite(boxes).all(dim=1)
+    regions = torch.cat([x.gt_ignore if x.has("gt_ignore") else torch.zeros(len(x), dtype=torch.bool) for x in gt_instances])
+    bad = (~regions & ((classes < 0) | (classes >= num_classes))) | ~torch.isfinite(boxes).all(dim=1)
     bad |= (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     if not bad.any():
         return

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from detectron2.config import CfgNode
+from detectron2.data import get_detection_dataset_dicts
 from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
@@ -39,6 +40,7 @@ from ..matching import build_anchor_matcher, foreground_counts
 from .assignment import foreground_iou_threshold
 
 __all__ = [
+    "fit_anchors",
     "AnchorCoverage",
     "GroundTruthBoxes",
     "measure_coverage",
@@ -49,6 +51,7 @@ __all__ = [
     "resized_ground_truth",
     "with_anchors",
 ]
+
 
 COCO_AREA_BINS = (("small", 0.0, 32.0**2), ("medium", 32.0**2, 96.0**2), ("large", 96.0**2, math.inf))  # COCOeval
 SIDE_EDGES = tuple(8 * 2 ** (k / 2) for k in range(13))  # 8 … 512 px, half octaves, on √(w·h) after resize
@@ -342,6 +345,26 @@ def propose_anchors(
             if best_key is None or key > best_key:
                 best_key, best = key, (sizes, ratios)
     return best[0], best[1], best_key[0]
+
+
+def fit_anchors(cfg: CfgNode) -> str:
+    """``--fit-anchors``: set ``cfg``'s ``MODEL.ANCHOR_GENERATOR`` sizes and ratios (in place)
+    to :func:`propose_anchors`' proposal for the boxes of ``DATASETS.TRAIN``.
+
+    Returns:
+        str: the share of boxes at the foreground IoU before and after, and the new anchors
+        (for the log).
+    """
+    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
+    grid = AnchorGrid(cfg)
+    before = measure_coverage(cfg, dicts, grid).foreground_share
+    sizes, ratios, after = propose_anchors(cfg, dicts, grid=grid)
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = sizes
+    cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = ratios
+    return (
+        f"--fit-anchors on {list(cfg.DATASETS.TRAIN)}: boxes with an anchor at IoU >= {_iou_thresholds(cfg)[1]:g} "
+        f"{before:.1%} -> {after:.1%} with\n{anchor_config_lines(sizes, ratios)}"
+    )
 
 
 def with_anchors(cfg: CfgNode, sizes, aspect_ratios) -> CfgNode:
