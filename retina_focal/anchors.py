@@ -80,7 +80,7 @@ class RetinaFocalAnchorGenerator(DefaultAnchorGenerator):
             are shared with later calls of the same grid sizes (no in-place ops on them).
         """
         grid_sizes = [tuple(f.shape[-2:]) for f in features]
-        if torch.jit.is_tracing() or torch.jit.is_scripting():  # sizes must stay symbolic
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():  # sizes stay symbolic
             return [Boxes(a) for a in self._grid_anchors(grid_sizes)]
         key = (tuple(grid_sizes), features[0].device)
         anchors = self._cache.get(key)

@@ -1,34 +1,43 @@
-"""Export RetinaFocal's network to TorchScript or ONNX; post-process its outputs in Python.
+"""Export RetinaFocal's network with ``torch.export`` (an ``ExportedProgram``, .pt2) or to ONNX
+(through the ``torch.export``-based exporter); post-process its outputs in Python.
 
-The exported graph is :class:`ExportableRetinaFocal`: one image tensor in (``(1, 3, H, W)``
+The exported program is :class:`ExportableRetinaFocal`: one image tensor in (``(1, 3, H, W)``
 float, pixel values in ``INPUT.FORMAT`` order, already resized as ``DefaultPredictor``
-does: ``retina_focal.predict.model_input(cfg, image_bgr)[None]``), then RetinaFocal's own
-``preprocess_image`` (normalization, padding to the backbone's size divisibility),
-backbone, head and anchors, and out per FPN level:
+does, ``retina_focal.predict.model_input(cfg, image_bgr)[None]``, and padded by
+:func:`padded_for_export` to the backbone's size divisibility), then normalization, backbone,
+head and anchors, and out per FPN level:
 
 * ``logits_<level>`` (1, HiWiA, K) classification logits (before the sigmoid);
 * ``deltas_<level>`` (1, HiWiA, 4) box deltas;
 * ``anchors_<level>`` (HiWiA, 4) XYXY anchors in input pixels.
 
-Decoding, the score threshold, top-k and NMS stay outside the graph (data-dependent shapes
-and ``batched_nms`` do not export cleanly): :func:`postprocess` hands the outputs to the
-model's own :meth:`RetinaFocal.inference` and ``detector_postprocess``, so the detections
-are computed by the same code as in PyTorch. The anchor generator's per-size cache is
-bypassed under tracing (``RetinaFocalAnchorGenerator.forward``), so the anchors follow the
-input size in the exported graph too.
+Decoding, the score threshold, top-k and NMS stay outside the program (data-dependent
+shapes): :func:`postprocess` hands the outputs to the model's own
+:meth:`RetinaFocal.inference` and ``detector_postprocess``, so the detections are computed
+by the same code as in PyTorch. H and W are dynamic (:func:`export_dynamic_shapes`), and the
+anchor generator's per-size cache is bypassed while exporting, so the anchors follow them.
+TorchScript (``torch.jit.trace``) and the TorchScript-based ONNX exporter are gone: torch 2.14
+deprecates both.
 """
 import os
 import warnings
-from contextlib import contextmanager
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from detectron2.modeling import detector_postprocess
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
-__all__ = ["ONNX_OPSET", "ExportableRetinaFocal", "postprocess", "export_torchscript", "export_onnx"]
+__all__ = [
+    "ONNX_OPSET",
+    "ExportableRetinaFocal",
+    "export_dynamic_shapes",
+    "export_onnx",
+    "export_program",
+    "padded_for_export",
+    "postprocess",
+]
 
 ONNX_OPSET = 17  # tested with onnxruntime 1.32 (tests/test_export.py)
 
@@ -44,6 +53,7 @@ class ExportableRetinaFocal(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.eval()
+        self.eval()
 
     @property
     def output_names(self) -> List[str]:
@@ -51,9 +61,31 @@ class ExportableRetinaFocal(nn.Module):
         return [f"{kind}_{level}" for kind in ("logits", "deltas", "anchors") for level in levels]
 
     def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
-        images = self.model.preprocess_image([{"image": image[0]}])  # (1, 3, H', W'), padded
+        images = self._preprocessed(image)  # (1, 3, H', W'), padded
         anchors, logits, deltas = self.model.predict(images)  # per level (HiWiA, 4), (1, HiWiA, K), (1, HiWiA, 4)
         return tuple(logits) + tuple(deltas) + tuple(a.tensor for a in anchors)
+
+    def _preprocessed(self, image: Tensor) -> ImageList:
+        """The model's ``preprocess_image``. Under ``torch.export`` the image comes padded
+        (:func:`padded_for_export`: H and W multiples of the size divisibility, padded with the
+        pixel mean), and is only normalized: detectron2's ``ImageList.from_tensors`` turns
+        symbolic sizes into constants, and the FPN's top-down sums need sizes that torch.export
+        can prove divisible."""
+        if not torch.compiler.is_exporting():
+            return self.model.preprocess_image([{"image": image[0]}])
+        x = (image - self.model.pixel_mean) / self.model.pixel_std  # (1, 3, H, W)
+        return ImageList(x, [tuple(x.shape[-2:])])
+
+
+def padded_for_export(model: nn.Module, image: Tensor) -> Tensor:
+    """``image`` (1, 3, H, W) padded at the bottom and right to multiples of the backbone's
+    size divisibility with the pixel mean (0 after normalization, as ``ImageList`` pads): the
+    input of the ``torch.export`` program."""
+    d = model.backbone.size_divisibility
+    height, width = image.shape[-2:]
+    padded = model.pixel_mean.view(1, -1, 1, 1).expand(1, -1, -(-height // d) * d, -(-width // d) * d).clone()
+    padded[..., :height, :width] = image
+    return padded
 
 
 def postprocess(model: nn.Module, outputs: Sequence, input_size: Tuple[int, int], output_size: Tuple[int, int]) -> Instances:
@@ -77,39 +109,52 @@ def postprocess(model: nn.Module, outputs: Sequence, input_size: Tuple[int, int]
     return detector_postprocess(result, *output_size)
 
 
-@contextmanager
-def _tracing():
-    """no_grad, and no TracerWarning for detectron2's shape asserts and its empty-Boxes
-    reshape (``Boxes.__init__``), which the trace fixes for inputs that always pass them."""
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        yield
+def export_dynamic_shapes(exportable: ExportableRetinaFocal, example: Tensor, max_side: int = 4096) -> Optional[Dict]:
+    """torch.export's ``dynamic_shapes`` for H and W: multiples of the backbone's size
+    divisibility d, from twice the largest feature stride (so that every level has at least
+    2 cells: torch.export specializes a size-1 level into another program) to ``max_side``.
+    None when the padded example is smaller: the program then serves the example's size only.
+
+    Args:
+        example (Tensor): (1, 3, H, W), padded (:func:`padded_for_export`).
+    """
+    model = exportable.model
+    d = model.backbone.size_divisibility
+    largest_stride = max(model.backbone.output_shape()[f].stride for f in model.head_in_features)
+    if min(example.shape[-2:]) < 2 * largest_stride:
+        return None
+    low, high = -(-2 * largest_stride // d), max_side // d
+    return {"image": {2: d * torch.export.Dim("height", min=low, max=high), 3: d * torch.export.Dim("width", min=low, max=high)}}
 
 
-def export_torchscript(exportable: ExportableRetinaFocal, example: Tensor, path: str) -> str:
-    """Trace ``exportable`` on ``example`` (1, 3, H, W) and save it to ``path``."""
-    with _tracing():
-        traced = torch.jit.trace(exportable, (example,), check_trace=False)
+def export_program(exportable: ExportableRetinaFocal, example: Tensor, path: str) -> str:
+    """``torch.export`` ``exportable`` on ``example`` (1, 3, H, W, resized, not padded) and save
+    the ``ExportedProgram`` to ``path`` (.pt2); its input is :func:`padded_for_export`'s."""
+    example = padded_for_export(exportable.model, example)
+    with torch.no_grad():
+        program = torch.export.export(exportable, (example,), dynamic_shapes=export_dynamic_shapes(exportable, example))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    traced.save(path)
+    torch.export.save(program, path)
     return path
 
 
 def export_onnx(exportable: ExportableRetinaFocal, example: Tensor, path: str, opset: int = ONNX_OPSET) -> str:
-    """Export ``exportable`` to ONNX (TorchScript-based exporter) with dynamic H and W."""
-    names = exportable.output_names
-    dynamic_axes = {"image": {2: "height", 3: "width"}}
-    dynamic_axes.update({name: {0: "anchors"} if name.startswith("anchors") else {1: "anchors"} for name in names})
+    """ONNX through the ``torch.export``-based exporter (``dynamo=True``): the program of
+    :func:`export_program`, with the same input (padded image) and dynamic H and W."""
+    example = padded_for_export(exportable.model, example)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with _tracing():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*dynamic_shapes.*")
         torch.onnx.export(
             exportable,
             (example,),
             path,
             input_names=["image"],
-            output_names=names,
-            dynamic_axes=dynamic_axes,
+            output_names=exportable.output_names,
+            dynamic_shapes=export_dynamic_shapes(exportable, example),
             opset_version=opset,
-            dynamo=False,
+            dynamo=True,
+            external_data=False,  # one file (the weights inside), as the legacy exporter wrote
+            verbose=False,
         )
     return path

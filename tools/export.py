@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""Export a trained RetinaFocal (preprocessing, backbone, head, anchors) to TorchScript or ONNX.
+"""Export a trained RetinaFocal (normalization, backbone, head, anchors) with torch.export.
 
-    python tools/export.py --format onnx --config-file C.yaml --output out/export \\
+    python tools/export.py --format pt2 --config-file C.yaml --output out/export \\
         MODEL.WEIGHTS model_final.pth [KEY VALUE ...]
 
-Writes ``OUTPUT/model.ts`` (TorchScript, traced) or ``OUTPUT/model.onnx`` (opset
-``retina_focal.export.ONNX_OPSET``, dynamic height and width), and ``OUTPUT/config.yaml``,
-the config that the Python post-processing needs. What goes in and out of the graph and
-how to post-process are in ``retina_focal/export.py`` and docs/getting_started.md. The
-graph is traced on ``--sample-image`` (default: a blank image of ``INPUT.MIN_SIZE_TEST``
-pixels square).
+Writes ``OUTPUT/model.pt2`` (an ``ExportedProgram``: ``torch.export.load``) or
+``OUTPUT/model.onnx`` (the ``torch.export``-based ONNX exporter, opset
+``retina_focal.export.ONNX_OPSET``), and ``OUTPUT/config.yaml``, the config that the Python
+post-processing needs. What goes in and out and how to post-process are in
+``retina_focal/export.py`` and docs/getting_started.md. The program is exported on
+``--sample-image`` (default: a blank image of ``INPUT.MIN_SIZE_TEST`` pixels square); H and W
+are dynamic when its padded sides are at least twice the largest feature stride (256 px for
+P7), else the program serves that size only.
 """
 import argparse
 import os
@@ -19,10 +21,16 @@ import cv2
 import numpy as np
 
 from retina_focal.engine import load_config
-from retina_focal.export import ExportableRetinaFocal, export_onnx, export_torchscript
+from retina_focal.export import (
+    ExportableRetinaFocal,
+    export_dynamic_shapes,
+    export_onnx,
+    export_program,
+    padded_for_export,
+)
 from retina_focal.predict import load_model, model_input
 
-EXPORTERS = {"torchscript": ("model.ts", export_torchscript), "onnx": ("model.onnx", export_onnx)}
+EXPORTERS = {"pt2": ("model.pt2", export_program), "onnx": ("model.onnx", export_onnx)}
 
 
 def _sample_image(cfg, path):
@@ -37,7 +45,7 @@ def _sample_image(cfg, path):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Export RetinaFocal to TorchScript or ONNX.")
+    parser = argparse.ArgumentParser(description="Export RetinaFocal with torch.export (.pt2) or to ONNX.")
     parser.add_argument("--format", required=True, choices=sorted(EXPORTERS))
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--output", required=True, metavar="DIR")
@@ -52,10 +60,14 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     file_name, export = EXPORTERS[args.format]
-    path = export(ExportableRetinaFocal(model), sample, os.path.join(args.output, file_name))
+    exportable = ExportableRetinaFocal(model)
+    path = export(exportable, sample, os.path.join(args.output, file_name))
     with open(os.path.join(args.output, "config.yaml"), "w") as f:
         f.write(cfg.dump())
-    print(f"exported {args.format} to {path} (traced on a {tuple(sample.shape)} input); config: {args.output}/config.yaml")
+    padded = tuple(padded_for_export(model, sample).shape)
+    sizes = "dynamic H and W" if export_dynamic_shapes(exportable, padded_for_export(model, sample)) else f"{padded} inputs only"
+    print(f"exported {args.format} to {path} ({sizes}; input padded by retina_focal.export.padded_for_export); "
+          f"config: {args.output}/config.yaml")
     return 0
 
 
