@@ -58,6 +58,11 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # FocalLoss / FocalLossStar: per-class α (K values, for long-tailed data); [] =
     # FOCAL_LOSS_ALPHA for every class.
     _C.MODEL.RETINA_FOCAL.LOSS.CLASS_ALPHA = []
+    # > 0 and CLASS_ALPHA empty: CLASS_ALPHA computed from DATASETS.TRAIN's box counts per class
+    # ("effective number of samples", Cui et al. CVPR 2019, with this β, e.g. 0.999):
+    # α_k = min(1, FOCAL_LOSS_ALPHA·w_k), w normalized to mean 1; logged, and written into
+    # CLASS_ALPHA of the run's config.yaml. 0 = off.
+    _C.MODEL.RETINA_FOCAL.LOSS.CLASS_BALANCED_BETA = 0.0
     # FocalLossStar (Appendix A): FL* = -log σ(γ·x_t + β) / γ with γ = FOCAL_LOSS_GAMMA;
     # Table 3 / the paper's selected setting: γ = 2, β = 1 (33.8 AP vs FL's 34.0).
     _C.MODEL.RETINA_FOCAL.LOSS.BETA = 1.0

@@ -33,6 +33,7 @@ from .data.mapper import build_train_mapper
 from .diagnostics.anchor_coverage import fit_anchors
 from .evaluation import evaluator_class
 from .hooks import insert_diagnostic_hooks
+from .losses import class_balanced_alpha
 from .precision import MixedPrecisionTrainer, amp_dtype
 from .data import (
     ResumableTrainLoader,
@@ -327,7 +328,23 @@ def _config_and_notes(config_file: str, opts: Sequence = ()) -> Tuple[CfgNode, L
     cfg.merge_from_list(list(opts))
     notes = register_config_datasets(cfg)
     notes.append(resolve_num_classes(cfg))
+    notes.append(_resolve_class_balanced_alpha(cfg))
     return cfg, [n for n in notes if n]
+
+
+def _resolve_class_balanced_alpha(cfg) -> Optional[str]:
+    """``LOSS.CLASS_BALANCED_BETA`` > 0 with an empty ``CLASS_ALPHA``: set ``CLASS_ALPHA`` from
+    the training boxes per class (``losses.class_balanced_alpha``); returns the log line."""
+    beta, loss_cfg = cfg.MODEL.RETINA_FOCAL.LOSS.CLASS_BALANCED_BETA, cfg.MODEL.RETINA_FOCAL.LOSS
+    if beta == 0 or loss_cfg.CLASS_ALPHA:
+        return None
+    counts = [0] * cfg.MODEL.RETINANET.NUM_CLASSES
+    for record in get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False):
+        for ann in record.get("annotations", []):
+            if not ann.get("iscrowd", 0) and 0 <= ann["category_id"] < len(counts):
+                counts[ann["category_id"]] += 1
+    loss_cfg.CLASS_ALPHA = class_balanced_alpha(counts, cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA, beta)
+    return f"LOSS.CLASS_BALANCED_BETA {beta}: boxes per class {counts} -> CLASS_ALPHA {list(loss_cfg.CLASS_ALPHA)}"
 
 
 def argument_parser():

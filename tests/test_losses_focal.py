@@ -15,6 +15,7 @@ from retina_focal.losses import (
     FocalLoss,
     FocalLossStar,
     build_retina_focal_loss,
+    class_balanced_alpha,
     focal_loss_sum,
     sigmoid_focal_loss,
     sigmoid_focal_loss_star,
@@ -457,3 +458,13 @@ def test_focal_loss_is_at_most_alpha_balanced_ce(pairs, alpha, gamma):
     x, y = _tensors(pairs)
     ce = sigmoid_focal_loss(x, y, alpha, gamma=0.0)
     assert (sigmoid_focal_loss(x, y, alpha, gamma) <= ce * (1 + 1e-6)).all()
+
+
+def test_class_balanced_alpha_gives_the_rare_class_the_larger_alpha():
+    alphas = class_balanced_alpha([1000, 10, 100], alpha=0.25, beta=0.999)
+    assert alphas[1] > alphas[2] > alphas[0] and all(0 < a <= 1 for a in alphas)
+    w = [(1 - 0.999) / (1 - 0.999**n) for n in (1000, 10, 100)]
+    assert alphas == pytest.approx([min(1.0, 0.25 * x / (sum(w) / 3)) for x in w], abs=1e-6)
+    assert class_balanced_alpha([1000, 10, 100], alpha=0.25, beta=0.0) == [0.25, 0.25, 0.25]  # β = 0: no balancing
+    with pytest.raises(ValueError, match=r"CLASS_BALANCED_BETA must be in \[0, 1\)"):
+        class_balanced_alpha([1, 2], 0.25, 1.0)

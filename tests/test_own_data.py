@@ -81,3 +81,24 @@ def test_fit_anchors_fits_logs_the_coverage_and_records_the_anchors(specs, tmp_p
     saved = load_config(str(tmp_path / "config.yaml"), ["DATASETS.TRAIN", f'("{specs["train"]["csv"]}",)'])
     default = load_config(SCRATCH, ["DATASETS.TRAIN", f'("{specs["train"]["csv"]}",)'])
     assert saved.MODEL.ANCHOR_GENERATOR.SIZES != default.MODEL.ANCHOR_GENERATOR.SIZES
+
+
+def test_class_balanced_alpha_from_a_dataset_with_a_rare_class_is_logged_saved_and_trains(tmp_path):
+    import cv2
+    import numpy as np
+
+    rows = []
+    for i in range(12):
+        path = tmp_path / f"img{i}.png"
+        cv2.imwrite(str(path), np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        rows.append(f"{path.name},4,4,30,30,common")
+        if i == 0:
+            rows.append(f"{path.name},34,34,60,60,rare")  # 1 rare box against 12 common ones
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    data = ["DATASETS.TRAIN", f'("csv:{tmp_path / "train.csv"}",)', "DATASETS.TEST", "()",
+            "MODEL.RETINA_FOCAL.LOSS.CLASS_BALANCED_BETA", "0.999"]
+    log = _train(SCRATCH, data + SHORT, tmp_path / "run")
+    match = re.search(r"CLASS_BALANCED_BETA 0.999: boxes per class \[12, 1\] -> CLASS_ALPHA \[([0-9.]+), ([0-9.]+)\]", log)
+    assert match and float(match[2]) > float(match[1]), log[-2000:]  # classes sorted: common, rare
+    saved = load_config(str(tmp_path / "run" / "config.yaml"))
+    assert list(saved.MODEL.RETINA_FOCAL.LOSS.CLASS_ALPHA) == [float(match[1]), float(match[2])]

@@ -16,6 +16,7 @@ from .registry import RETINA_FOCAL_LOSS_REGISTRY, build_retina_focal_loss
 from .focal import (
     FocalLoss,
     FocalLossStar,
+    class_balanced_alpha,
     focal_loss_sum,
     focal_loss_sum_and_grad,
     sigmoid_focal_loss,
@@ -34,6 +35,7 @@ __all__ = [
     "anchor_cross_entropy",
     "box_regression_loss",
     "build_retina_focal_loss",
+    "class_balanced_alpha",
     "focal_loss_sum",
     "focal_loss_sum_and_grad",
     "select_hard_examples",

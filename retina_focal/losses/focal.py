@@ -11,7 +11,7 @@ Two forms of the same loss, side by side:
   checks that it equals the readable form (value and gradient, in float64, to 1e-12).
 """
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.config import configurable
@@ -23,6 +23,7 @@ from .registry import RETINA_FOCAL_LOSS_REGISTRY
 __all__ = [
     "FocalLoss",
     "FocalLossStar",
+    "class_balanced_alpha",
     "focal_loss_sum",
     "focal_loss_sum_and_grad",
     "sigmoid_focal_loss",
@@ -312,6 +313,21 @@ def _check_alpha(alpha: Union[float, Tuple[float, ...]]) -> None:
             "MODEL.RETINANET.FOCAL_LOSS_ALPHA must be in [0, 1], or negative to turn the "
             f"α weighting off, got {alpha}"
         )
+
+
+def class_balanced_alpha(counts: Sequence[int], alpha: float, beta: float) -> List[float]:
+    """One α per class from the class frequencies, by the "effective number of samples" of
+    Cui et al. (CVPR 2019): w_k = (1 − β) / (1 − β^n_k) for the n_k boxes of class k,
+    normalized to mean 1 over the classes, and α_k = min(1, α·w_k), so rare classes get the
+    larger α (their positives weigh more, their negatives less). β in [0, 1); β → 1 gives
+    inverse-frequency weights, β = 0 equal ones. A class without boxes gets w = 1/(1 − β)·(1 − β)
+    as for n = 1.
+    """
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"MODEL.RETINA_FOCAL.LOSS.CLASS_BALANCED_BETA must be in [0, 1) (0 = off), got {beta}")
+    weights = [(1.0 - beta) / (1.0 - beta ** max(int(n), 1)) for n in counts]
+    mean = sum(weights) / len(weights)
+    return [round(min(1.0, alpha * w / mean), 6) for w in weights]
 
 
 def _alpha_from_config(cfg) -> Union[float, Tuple[float, ...]]:
