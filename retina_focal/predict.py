@@ -8,7 +8,9 @@
 searched recursively for :data:`IMAGE_EXTENSIONS`; files with :data:`VIDEO_EXTENSIONS` are
 read frame by frame with OpenCV. Each image is drawn with detectron2's ``Visualizer`` into
 ``--output`` (same relative path below a folder input), each video into
-``--output/<name>.avi`` (MJPG), and every detection scoring at least ``--confidence`` is
+``--output/<name>.avi`` (MJPG), and every detection scoring at least ``--confidence`` (default:
+the per-class thresholds of a ``class_thresholds.json`` beside ``MODEL.WEIGHTS``, which
+``tools/tune_thresholds.py`` writes, else 0.3) is
 written to the results JSON (default ``--output/results.json``): a COCO results list
 (``image_id``, ``category_id``, ``bbox`` XYWH in pixels, ``score``) plus ``file_name`` and,
 for video frames, ``frame``. Inference options are config keys given as ``KEY VALUE``:
@@ -35,7 +37,7 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -50,12 +52,14 @@ from tqdm import tqdm
 
 from .checkpoint import load_inference_weights
 from .data.checks import UnusableImageError, read_usable_image, resize_problem
+from .diagnostics.thresholds import THRESHOLDS_FILE, read_thresholds
 from .engine import load_config
 
 __all__ = [
     "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "BatchPredictor", "load_model", "model_input", "find_inputs", "predict", "main"
 ]
 
+DEFAULT_CONFIDENCE = 0.3
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg")
 _VIDEO_CODEC = "MJPG"  # written as .avi: OpenCV's pip wheels always have it
@@ -302,12 +306,19 @@ def _predict_batch(predictor: BatchPredictor, batch: List[Frame], skipped: List[
         return [pair for frame in batch for pair in _predict_batch(predictor, [frame], skipped)]
 
 
+def _thresholds_of(instances: Instances, confidence: Union[float, Sequence[float]]):
+    """The confidence threshold of each detection: the float, or its class's."""
+    if isinstance(confidence, (int, float)):
+        return confidence
+    return torch.as_tensor(confidence, dtype=instances.scores.dtype)[instances.pred_classes]
+
+
 def predict(
     predictor: BatchPredictor,
     metadata,
     inputs: Inputs,
     *,
-    confidence: float = 0.3,
+    confidence: Union[float, Sequence[float]] = 0.3,
     batch_size: int = 1,
     results: Optional[List[Dict]] = None,
 ) -> List[Dict]:
@@ -317,6 +328,7 @@ def predict(
     model raises on them) and videos without a readable frame are added to ``inputs.skipped``.
 
     Args:
+        confidence (float or K floats): keep detections scoring at least this (per class).
         results (list or None): the list to append the results to, as they come (so the
             caller keeps those of an interrupted run); a new one if None.
 
@@ -330,7 +342,7 @@ def predict(
         def run(frames: Iterable[Frame]) -> None:
             for batch in _batches(_resizable(predictor.cfg, frames, inputs.skipped), batch_size):
                 for frame, instances in _predict_batch(predictor, batch, inputs.skipped):
-                    instances = instances[instances.scores >= confidence]
+                    instances = instances[instances.scores >= _thresholds_of(instances, confidence)]
                     rgb = frame.image[:, :, ::-1]
                     drawing = Visualizer(rgb, metadata).draw_instance_predictions(instances).get_image()
                     frame.write(np.ascontiguousarray(drawing[:, :, ::-1]))
@@ -358,7 +370,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--input", required=True, nargs="+", help="image files, folders (recursive) or video files")
     parser.add_argument("--output", required=True, metavar="DIR", help="drawings and (by default) results.json")
-    parser.add_argument("--confidence", type=float, default=0.3, help="draw and write detections scoring at least this")
+    parser.add_argument(
+        "--confidence",
+        type=float,
+        help=f"draw and write detections scoring at least this (default: the per-class thresholds of a "
+        f"{THRESHOLDS_FILE} beside MODEL.WEIGHTS, from tools/tune_thresholds.py, else {DEFAULT_CONFIDENCE})",
+    )
     parser.add_argument("--json", metavar="FILE", help="results file (default: OUTPUT/results.json)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE, e.g. MODEL.WEIGHTS w.pth")
@@ -369,7 +386,7 @@ def _argument_problem(args) -> Optional[str]:
     """What is wrong with the arguments before anything runs, or None."""
     if args.batch_size < 1:
         return f"--batch-size must be >= 1, got {args.batch_size}"
-    if not 0.0 <= args.confidence <= 1.0:
+    if args.confidence is not None and not 0.0 <= args.confidence <= 1.0:
         return f"--confidence must be a score in [0, 1], got {args.confidence}"
     for folder in (args.output, os.path.dirname(os.path.abspath(args.json)) if args.json else None):
         problem = folder and _unwritable(folder)
@@ -389,10 +406,23 @@ def _unwritable(folder: str) -> Optional[str]:
     return None
 
 
-def _write_results(results: List[Dict], json_file: str, args) -> None:
+def _write_results(results: List[Dict], json_file: str, args, confidence) -> None:
     with open(json_file, "w") as f:
         json.dump(results, f)
-    print(f"{len(results)} detections (score >= {args.confidence}) written to {json_file}; drawings in {args.output}")
+    kept = f"score >= {confidence}" if isinstance(confidence, float) else "per-class thresholds"
+    print(f"{len(results)} detections ({kept}) written to {json_file}; drawings in {args.output}")
+
+
+def _confidence(args, cfg, metadata) -> Union[float, List[float]]:
+    """``--confidence``, or the per-class thresholds tuned for these weights, or the default."""
+    if args.confidence is not None:
+        return args.confidence
+    tuned = os.path.join(os.path.dirname(os.path.abspath(cfg.MODEL.WEIGHTS)), THRESHOLDS_FILE)
+    if not os.path.isfile(tuned):
+        return DEFAULT_CONFIDENCE
+    thresholds = read_thresholds(tuned, metadata.get("thing_classes", None) or [str(k) for k in range(cfg.MODEL.RETINANET.NUM_CLASSES)])
+    print(f"per-class thresholds from {tuned}: {thresholds}")
+    return thresholds
 
 
 def _print_skipped(skipped: List[Tuple[str, str]]) -> None:
@@ -420,11 +450,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: cannot run {args.config_file} with these weights: {e}", file=sys.stderr)
         return 2
+    metadata = _metadata(cfg)
+    try:
+        confidence = _confidence(args, cfg, metadata)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     results: List[Dict] = []
     try:
-        predict(predictor, _metadata(cfg), inputs, confidence=args.confidence, batch_size=args.batch_size, results=results)
+        predict(predictor, metadata, inputs, confidence=confidence, batch_size=args.batch_size, results=results)
     finally:  # also when interrupted: what was predicted is kept
-        _write_results(results, args.json or os.path.join(args.output, "results.json"), args)
+        _write_results(results, args.json or os.path.join(args.output, "results.json"), args, confidence)
         if inputs.skipped:
             _print_skipped(inputs.skipped)
     return 1 if inputs.skipped else 0

@@ -1,0 +1,107 @@
+"""Per-class score thresholds tuned on a validation set (``tools/tune_thresholds.py``).
+
+Per class, the detections of every image are matched to the ground truth at IoU ≥ 0.5 in
+score order (each box at most once, as COCO and VOC match), giving precision and recall at
+every score. The chosen threshold is the score that maximizes F1, or, with a target
+precision, the lowest score at which precision reaches it (the most recall at that
+precision). The result is a ``MODEL.RETINA_FOCAL.CLASS_SCORE_THRESH`` line and a JSON file
+that ``retina-focal-predict`` reads beside the weights (:data:`THRESHOLDS_FILE`).
+"""
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from detectron2.structures import Boxes, pairwise_iou
+
+from .error_analysis import ImageBoxes
+
+__all__ = ["THRESHOLDS_FILE", "ClassThreshold", "read_thresholds", "tune_thresholds", "write_thresholds"]
+
+THRESHOLDS_FILE = "class_thresholds.json"  # beside MODEL.WEIGHTS; retina-focal-predict reads it
+MATCH_IOU = 0.5
+
+
+@dataclass
+class ClassThreshold:
+    """The chosen score threshold of one class and its precision, recall and F1 there."""
+
+    name: str
+    threshold: float
+    precision: float
+    recall: float
+    f1: float
+    num_ground_truth: int
+
+
+def _class_matches(ground_truth: Dict[int, ImageBoxes], detections: Dict[int, ImageBoxes], k: int):
+    """(scores, true-positive flags) of class ``k``'s detections over all images, best first,
+    and the number of its ground-truth boxes."""
+    scores, hits, num_gt = [], [], 0
+    for image_id in set(ground_truth) | set(detections):
+        gt = ground_truth.get(image_id, ImageBoxes.empty())
+        det = detections.get(image_id, ImageBoxes.empty())
+        gt_boxes = gt.boxes[gt.classes == k]
+        mine = det.classes == k
+        det_boxes, det_scores = det.boxes[mine], det.scores[mine]
+        num_gt += len(gt_boxes)
+        order = det_scores.argsort(descending=True)
+        iou = pairwise_iou(Boxes(det_boxes[order]), Boxes(gt_boxes))  # (D, G)
+        free = torch.ones(len(gt_boxes), dtype=torch.bool)
+        for row in iou:
+            candidates = torch.where(free & (row >= MATCH_IOU), row, torch.full_like(row, -1.0))
+            hit = bool(len(row)) and bool(candidates.max() >= MATCH_IOU)
+            if hit:
+                free[candidates.argmax()] = False
+            hits.append(hit)
+        scores.append(det_scores[order])
+    scores = torch.cat(scores) if scores else torch.zeros(0)
+    order = scores.argsort(descending=True, stable=True)
+    return scores[order], torch.tensor(hits, dtype=torch.bool)[order] if hits else torch.zeros(0, dtype=torch.bool), num_gt
+
+
+def tune_thresholds(
+    ground_truth: Dict[int, ImageBoxes],
+    detections: Dict[int, ImageBoxes],
+    class_names: Sequence[str],
+    target_precision: Optional[float] = None,
+) -> List[ClassThreshold]:
+    """One :class:`ClassThreshold` per class (module docstring). A class that no detection
+    matches gets threshold 1.0 (nothing kept) and zeros."""
+    out = []
+    for k, name in enumerate(class_names):
+        scores, hits, num_gt = _class_matches(ground_truth, detections, k)
+        tp = hits.cumsum(0).float()
+        precision = tp / torch.arange(1, len(hits) + 1)
+        recall = tp / max(num_gt, 1)
+        f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+        if target_precision is None:
+            candidates = f1
+        else:
+            candidates = torch.where(precision >= target_precision, recall, torch.full_like(recall, -1.0))
+        if len(candidates) == 0 or candidates.max() <= 0:
+            out.append(ClassThreshold(name, 1.0, 0.0, 0.0, 0.0, num_gt))
+            continue
+        best = int(candidates.argmax())  # the first (highest-score) detection where the criterion peaks
+        out.append(ClassThreshold(name, float(scores[best]), float(precision[best]), float(recall[best]), float(f1[best]), num_gt))
+    return out
+
+
+def write_thresholds(thresholds: Sequence[ClassThreshold], path: str, criterion: str) -> str:
+    """The JSON that ``retina-focal-predict`` reads: class names, thresholds, how chosen."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"criterion": criterion, "classes": [asdict(t) for t in thresholds]}, f, indent=2)
+    return path
+
+
+def read_thresholds(path: str, class_names: Sequence[str]) -> List[float]:
+    """The thresholds of ``path`` in the order of ``class_names``; a ValueError if the file
+    was tuned for other classes."""
+    with open(path) as f:
+        classes = json.load(f)["classes"]
+    names = [c["name"] for c in classes]
+    if names != list(class_names):
+        raise ValueError(f"{path} holds thresholds for the classes {names}, the model has {list(class_names)}")
+    return [float(c["threshold"]) for c in classes]
