@@ -16,6 +16,7 @@
 :class:`RunFacts` records, in every checkpoint, what ``--resume`` needs unchanged to continue
 a run exactly (batch, world size, schedule, datasets) and refuses a resume that changed them.
 """
+import contextlib
 import logging
 import os
 import re
@@ -149,6 +150,7 @@ class RetinaFocalCheckpointer(DetectionCheckpointer):
         *,
         reinit_mismatched_classifier: bool = False,
         for_inference: bool = False,
+        ema=None,
         **kwargs,
     ):
         """
@@ -159,12 +161,22 @@ class RetinaFocalCheckpointer(DetectionCheckpointer):
                 (training only).
             for_inference (bool): every tensor of the model's state dict must come from the
                 checkpoint (a model with random parts would be evaluated or exported).
+            ema (retina_focal.ema.ModelEMA or None): save the EMA weights as "model" and the
+                raw ones in the "model_ema" checkpointable (added here).
         """
         super().__init__(model, save_dir, **kwargs)
         self.path_manager = _AtomicWritePathManager(self.path_manager)
         self.reinit_mismatched_classifier = reinit_mismatched_classifier and not for_inference
         self.for_inference = for_inference
+        self.ema = ema
+        if ema is not None:
+            self.add_checkpointable("model_ema", ema)
         self._loading: Optional[str] = None
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Save as detectron2 does; with EMA, the EMA weights are the checkpoint's "model"."""
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            super().save(name, **kwargs)
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         try:

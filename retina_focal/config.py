@@ -148,6 +148,12 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # --resume from this checkpoint (a file name in OUTPUT_DIR, or a path) instead of the one
     # named in OUTPUT_DIR/last_checkpoint, e.g. the previous one when the last is truncated.
     _C.RESUME.CHECKPOINT = ""
+    # Model EMA (retina_focal/ema.py; d2go's keys): an exponential moving average of the weights
+    # updated after every step; evaluation and the checkpoints' "model" use it (the raw weights
+    # stay in the checkpoint). DECAY is the largest decay; it ramps up as (1 + t) / (10 + t).
+    _C.MODEL_EMA = CN()
+    _C.MODEL_EMA.ENABLED = False
+    _C.MODEL_EMA.DECAY = 0.999
     # Bitwise-reproducible training: deterministic kernels (torch.use_deterministic_algorithms,
     # cuDNN without autotuning) and a fixed SEED (must be >= 0). See docs/reliability.md.
     _C.DETERMINISTIC = False

@@ -3,6 +3,7 @@ checks its data, resumes exactly and explains a non-finite loss.
 
 ``train_net.py`` is a thin command line around :class:`RetinaFocalTrainer` and :func:`setup`.
 """
+import contextlib
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from .checkpoint import AttributeState, RetinaFocalCheckpointer, RunFacts, load_
 from .config import add_retina_focal_config
 from .data.mapper import build_train_mapper
 from .diagnostics.anchor_coverage import fit_anchors
+from .ema import EMAHook, ModelEMA
 from .evaluation import evaluator_class
 from .hooks import insert_diagnostic_hooks
 from .losses import class_balanced_alpha
@@ -111,6 +113,7 @@ class RetinaFocalTrainer(DefaultTrainer):
 
     * COCOEvaluator (or the faster-coco-eval one, ``TEST.EVALUATOR``), and DDP that also
       works for CPU processes (gloo);
+    * ``MODEL_EMA.ENABLED``: an EMA of the weights, evaluated and saved as the model;
     * ``SOLVER.AMP.ENABLED`` on any device, in ``SOLVER.AMP.PRECISION`` (float16 with a
       GradScaler, or bfloat16; retina_focal/precision.py);
     * training data checked once before the first step (``retina_focal.data.checks``) and
@@ -132,7 +135,8 @@ class RetinaFocalTrainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
         self._trainer = build_step_trainer(cfg, create_ddp_model(model, broadcast_buffers=False), data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = build_checkpointer(cfg, self._trainer.model, trainer=weakref.proxy(self))
+        self.ema = ModelEMA(model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
+        self.checkpointer = build_checkpointer(cfg, self._trainer.model, trainer=weakref.proxy(self), ema=self.ema)
         self.checkpointer.add_checkpointable("loss_normalizer", AttributeState(model, ["loss_normalizer"]))
         self.checkpointer.add_checkpointable("run_facts", RunFacts(run_facts(cfg, data_loader), cfg.RESUME.ALLOW_CHANGES))
         if isinstance(data_loader, ResumableTrainLoader):
@@ -145,8 +149,24 @@ class RetinaFocalTrainer(DefaultTrainer):
     def build_hooks(self):
         ret = super().build_hooks()
         _set_writer_period(ret, self.cfg.SOLVER.LOG_PERIOD)
+        if self.ema is not None:
+            ret = [EMAHook(self.ema)] + [self._ema_eval_hook() if isinstance(h, hooks.EvalHook) else h for h in ret]
         # TEST.VAL_LOSS_PERIOD, SOLVER.BEST_CHECKPOINT_METRIC (retina_focal/hooks.py)
         return insert_diagnostic_hooks(self.cfg, ret, self.checkpointer)
+
+    def _ema_eval_hook(self) -> hooks.EvalHook:
+        """detectron2's evaluation hook (same period, same results), on the EMA weights."""
+
+        def test_and_save_results():
+            self._last_eval_results = self._evaluated(self.test)
+            return self._last_eval_results
+
+        return hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_and_save_results)
+
+    def _evaluated(self, test) -> Dict:
+        """``test(cfg, model)`` on the weights that are evaluated: the EMA ones if any."""
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            return test(self.cfg, self.model)
 
     def build_writers(self):
         window = self.cfg.SOLVER.LOG_PERIOD
@@ -168,6 +188,8 @@ class RetinaFocalTrainer(DefaultTrainer):
             self.start_iter = self.iter + 1
         else:
             super().resume_or_load(resume=resume)
+        if self.ema is not None and self.ema.num_updates == 0:  # a new run, or a checkpoint without EMA
+            self.ema.reset()  # average from the loaded weights
         if isinstance(self._trainer.data_loader, ResumableTrainLoader):
             self._trainer.data_loader.start_at(self.start_iter)
 
@@ -246,8 +268,9 @@ def _set_writer_period(trainer_hooks: List, period: int) -> None:
 
 
 def run_facts(cfg, data_loader) -> Dict:
-    """What the data stream and the LR schedule depend on, as :class:`RunFacts` records it in
-    every checkpoint (values after detectron2's rescaling for the number of processes)."""
+    """What the data stream and the LR schedule depend on, and whether the weights are
+    averaged, as :class:`RunFacts` records it in every checkpoint (values after detectron2's
+    rescaling for the number of processes)."""
     return {
         "SOLVER.IMS_PER_BATCH": cfg.SOLVER.IMS_PER_BATCH,
         "number of processes": comm.get_world_size(),
@@ -255,6 +278,7 @@ def run_facts(cfg, data_loader) -> Dict:
         "SOLVER.STEPS": cfg.SOLVER.STEPS,
         "DATASETS.TRAIN": cfg.DATASETS.TRAIN,
         "training images": len(data_loader.dataset) if isinstance(data_loader, ResumableTrainLoader) else None,
+        "MODEL_EMA.ENABLED": cfg.MODEL_EMA.ENABLED,  # whether the checkpoint's "model" is the EMA
     }
 
 

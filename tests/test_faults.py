@@ -144,6 +144,7 @@ def _copy_checkpoints(src, dst, names, tagged):
         (["SOLVER.STEPS", "(5,)"], "SOLVER.STEPS was [800, 1067], now [5]"),
         (["DATASETS.TRAIN", '("retina_focal_shapes_tiny_val",)'],
          "DATASETS.TRAIN was ['retina_focal_shapes_tiny_train'], now ['retina_focal_shapes_tiny_val']"),
+        (["MODEL_EMA.ENABLED", "True"], "MODEL_EMA.ENABLED was False, now True"),
     ],
 )
 def test_resume_refuses_what_it_cannot_continue_exactly(uninterrupted, tmp_path, change, message):
@@ -179,3 +180,27 @@ def test_a_truncated_last_checkpoint_names_the_previous_one_which_resumes_exactl
     assert "to resume from it, add --resume RESUME.CHECKPOINT model_0000009.pth" in proc.stderr
     _ok(train(["--resume", "OUTPUT_DIR", out] + RUN + ["RESUME.CHECKPOINT", "model_0000009.pth"]))
     assert _bitwise_equal(_weights(uninterrupted), _weights(out))
+
+
+EMA = ["MODEL_EMA.ENABLED", "True", "MODEL_EMA.DECAY", "0.9"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ema(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("uninterrupted_ema"))
+    _ok(train(["OUTPUT_DIR", out] + RUN + EMA))
+    return out
+
+
+def test_kill_9_then_resume_with_ema_continues_exactly(uninterrupted_ema, tmp_path):
+    """MODEL_EMA: the checkpoint's EMA weights ("model") and raw weights both continue bit for bit."""
+    out = str(tmp_path)
+    killed = train(["--fault", "sigkill@12", "OUTPUT_DIR", out] + RUN + EMA, script="tests/fault_train.py")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    _ok(train(["--resume", "OUTPUT_DIR", out] + RUN + EMA))
+    expected, got = (torch.load(os.path.join(d, "model_final.pth"), map_location="cpu", weights_only=False)
+                     for d in (uninterrupted_ema, out))
+    assert _bitwise_equal(expected["model"], got["model"])  # the EMA weights
+    assert _bitwise_equal(expected["model_ema"]["raw"], got["model_ema"]["raw"])
+    assert got["model_ema"]["num_updates"] == 20
+    assert not _bitwise_equal(expected["model"], expected["model_ema"]["raw"])

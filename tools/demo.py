@@ -9,6 +9,7 @@ evaluate with COCOEvaluator and draw what it learned.
 Writes into OUTPUT_DIR: detectron2's log, metrics.json, TensorBoard events, checkpoints and
 COCO results, plus training_curves.png and predictions/<image id>.png (prediction | truth).
 """
+import contextlib
 import os
 import time
 
@@ -28,7 +29,8 @@ def report(cfg, trainer, results, seconds: float) -> str:
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
     model.eval()
     dataset = cfg.DATASETS.TEST[0]
-    pictures = draw_predictions(model, dataset, os.path.join(out, "predictions"))
+    with trainer.ema.applied() if trainer.ema is not None else contextlib.nullcontext():  # what was evaluated
+        pictures = draw_predictions(model, dataset, os.path.join(out, "predictions"))
     bbox = results.get(dataset, results).get("bbox", {}) if results else {}
     ap = ", ".join(f"{k} {bbox[k]:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in bbox)
     return (
