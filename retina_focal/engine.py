@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import weakref
+from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -36,6 +37,7 @@ from .ema import EMAHook, ModelEMA
 from .evaluation import evaluator_class
 from .hooks import insert_diagnostic_hooks
 from .losses import class_balanced_alpha
+from .tta import RetinaFocalWithTTA
 from .precision import MixedPrecisionTrainer, amp_dtype
 from .data import (
     ResumableTrainLoader,
@@ -151,6 +153,8 @@ class RetinaFocalTrainer(DefaultTrainer):
         _set_writer_period(ret, self.cfg.SOLVER.LOG_PERIOD)
         if self.ema is not None:
             ret = [EMAHook(self.ema)] + [self._ema_eval_hook() if isinstance(h, hooks.EvalHook) else h for h in ret]
+        if self.cfg.TEST.AUG.ENABLED:  # after the last iteration, also with test-time augmentation
+            ret.append(hooks.EvalHook(0, lambda: self._evaluated(self.test_with_TTA)))
         # TEST.VAL_LOSS_PERIOD, SOLVER.BEST_CHECKPOINT_METRIC (retina_focal/hooks.py)
         return insert_diagnostic_hooks(self.cfg, ret, self.checkpointer)
 
@@ -167,6 +171,18 @@ class RetinaFocalTrainer(DefaultTrainer):
         """``test(cfg, model)`` on the weights that are evaluated: the EMA ones if any."""
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
             return test(self.cfg, self.model)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model) -> Dict:
+        """COCO evaluation of ``model`` with test-time augmentation (``TEST.AUG``), results
+        under "<task>_TTA" and files in OUTPUT_DIR/inference_TTA, as detectron2's example."""
+        model = model.module if isinstance(model, DistributedDataParallel) else model
+        evaluators = [
+            cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA", dataset_folder_name(name)))
+            for name in cfg.DATASETS.TEST
+        ]
+        results = cls.test(cfg, RetinaFocalWithTTA.from_config(cfg, model), evaluators)
+        return OrderedDict((task + "_TTA", value) for task, value in results.items())
 
     def build_writers(self):
         window = self.cfg.SOLVER.LOG_PERIOD
@@ -423,7 +439,10 @@ def _share_cpu_threads(cfg) -> None:
 
 def evaluate(cfg):
     """``--eval-only``: load ``MODEL.WEIGHTS`` (all of the model's tensors must be in it) and
-    run the test sets through COCOEvaluator."""
+    run the test sets through COCOEvaluator, with ``TEST.AUG.ENABLED`` also with TTA."""
     model = RetinaFocalTrainer.build_model(cfg)
     load_inference_weights(model, cfg.MODEL.WEIGHTS)
-    return RetinaFocalTrainer.test(cfg, model)
+    results = RetinaFocalTrainer.test(cfg, model)
+    if cfg.TEST.AUG.ENABLED:
+        results.update(RetinaFocalTrainer.test_with_TTA(cfg, model))
+    return results

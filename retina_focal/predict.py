@@ -54,6 +54,7 @@ from .checkpoint import load_inference_weights
 from .data.checks import UnusableImageError, read_usable_image, resize_problem
 from .diagnostics.thresholds import THRESHOLDS_FILE, read_thresholds
 from .engine import load_config
+from .tta import RetinaFocalWithTTA
 
 __all__ = [
     "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "BatchPredictor", "load_model", "model_input", "find_inputs", "predict", "main"
@@ -99,9 +100,12 @@ class BatchPredictor:
     ``Instances`` per image out, in original-image pixels."""
 
     def __init__(self, cfg):
-        """Build the model of ``cfg`` and load ``cfg.MODEL.WEIGHTS`` (see :func:`load_model`)."""
+        """Build the model of ``cfg`` and load ``cfg.MODEL.WEIGHTS`` (see :func:`load_model`);
+        with ``TEST.AUG.ENABLED`` it predicts with test-time augmentation."""
         self.cfg = cfg
         self.model = load_model(cfg)
+        if cfg.TEST.AUG.ENABLED:
+            self.model = RetinaFocalWithTTA.from_config(cfg, self.model)
 
     @torch.no_grad()
     def __call__(self, images: Sequence[np.ndarray]) -> List[Instances]:

@@ -265,3 +265,16 @@ def test_empty_weights_are_refused(model_files, tmp_path, capsys):
     image = _images(tmp_path / "in", [(64, 64)])[0]
     assert main(["--config-file", config, "--input", image, "--output", str(tmp_path / "o"), "MODEL.WEIGHTS", ""]) == 2
     assert "MODEL.WEIGHTS is empty: inference needs trained weights" in capsys.readouterr().err
+
+
+def test_test_time_augmentation_is_used_when_enabled(model_files, tmp_path):
+    from retina_focal.predict import BatchPredictor
+    from retina_focal.tta import RetinaFocalWithTTA
+
+    image = _images(tmp_path / "in", [(64, 80)])[0]
+    assert _run(model_files, [image], tmp_path / "out", "--confidence", "0", "TEST.AUG.ENABLED", "True",
+                "TEST.AUG.MIN_SIZES", "(48, 64)", "TEST.AUG.MAX_SIZE", "160") == 0
+    assert _results(tmp_path / "out" / "results.json")
+    cfg = model_files[2].clone()
+    cfg.TEST.AUG.ENABLED = True
+    assert isinstance(BatchPredictor(cfg).model, RetinaFocalWithTTA)

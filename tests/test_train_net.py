@@ -187,3 +187,11 @@ def test_eval_only_refuses_no_weights_and_weights_that_fit_nothing(tmp_path, wei
     expected = "does not fit the model" if weights else "MODEL.WEIGHTS is empty: inference needs trained weights"
     assert expected in proc.stderr, proc.stderr[-3000:]
     assert "copypaste: AP" not in proc.stdout + proc.stderr
+
+
+def test_eval_only_with_test_time_augmentation_evaluates_both(trained, tmp_path):
+    out, _ = trained
+    log = _run(["--eval-only", "OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"),
+                "TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(112, 144)", "TEST.AUG.MAX_SIZE", "200"] + TINY)
+    assert log.count("copypaste: AP,AP50,AP75,APs,APm,APl") == 2  # plain, then with TTA
+    assert os.path.isfile(os.path.join(str(tmp_path), "inference_TTA", "retina_focal_shapes_tiny_val", "coco_instances_results.json"))
