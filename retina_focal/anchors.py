@@ -7,6 +7,7 @@ exactly those of detectron2's ``DefaultAnchorGenerator`` in the same order (loca
 then size, then ratio), so detectron2 checkpoints keep their meaning.
 """
 import math
+from collections import abc
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -24,7 +25,7 @@ def sub_octave_sizes(base_sizes: Sequence[float], scales_per_octave: int) -> Lis
 
 def _check_per_level(name: str, values, num_levels: int) -> None:
     """Raise a ValueError naming the cfg key if ``values`` is not usable for ``num_levels``."""
-    per_level = values if values and isinstance(values[0], (list, tuple)) else [values]
+    per_level = values if values and isinstance(values[0], abc.Sequence) else [values]  # LazyConfig: ListConfig
     if len(per_level) not in (1, num_levels):
         raise ValueError(
             f"MODEL.ANCHOR_GENERATOR.{name} has {len(per_level)} lists but the head reads "

@@ -23,7 +23,7 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, default_argument_parser, default_setup, hooks
+from detectron2.engine import DefaultTrainer, TrainerBase, default_argument_parser, default_setup, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
@@ -38,13 +38,13 @@ from .evaluation import evaluator_class
 from .hooks import insert_diagnostic_hooks
 from .losses import class_balanced_alpha
 from .tta import RetinaFocalWithTTA
-from .precision import MixedPrecisionTrainer, amp_dtype
+from .precision import build_step_trainer
 from .data import (
     ResumableTrainLoader,
     build_resumable_train_loader,
-    check_dataset_dicts,
     check_num_classes,
     check_same_classes,
+    checked_dataset_dicts,
     coco_json_for_evaluation,
     dataset_folder_name,
     drop_unusable_images,
@@ -59,7 +59,6 @@ __all__ = [
     "RetinaFocalTrainer",
     "argument_parser",
     "build_checkpointer",
-    "build_step_trainer",
     "run_facts",
     "create_ddp_model",
     "evaluate",
@@ -78,18 +77,6 @@ def create_ddp_model(model, **kwargs):
     if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
         kwargs.setdefault("device_ids", None)
     return d2_defaults.create_ddp_model(model, **kwargs)
-
-
-def build_step_trainer(cfg, model, data_loader, optimizer) -> SimpleTrainer:
-    """What runs one iteration: ``SimpleTrainer``, or with ``SOLVER.AMP.ENABLED`` the
-    :class:`~retina_focal.precision.MixedPrecisionTrainer` on ``MODEL.DEVICE``'s type in
-    ``SOLVER.AMP.PRECISION``."""
-    if not cfg.SOLVER.AMP.ENABLED:
-        return SimpleTrainer(model, data_loader, optimizer)
-    precision = amp_dtype(cfg.SOLVER.AMP.PRECISION, cfg.MODEL.DEVICE, "SOLVER.AMP.PRECISION")
-    device_type = torch.device(cfg.MODEL.DEVICE).type
-    logger.info(f"SOLVER.AMP.ENABLED: training under torch.autocast({device_type!r}, {precision})")
-    return MixedPrecisionTrainer(model, data_loader, optimizer, device_type=device_type, precision=precision)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -135,7 +122,11 @@ class RetinaFocalTrainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        self._trainer = build_step_trainer(cfg, create_ddp_model(model, broadcast_buffers=False), data_loader, optimizer)
+        amp = cfg.SOLVER.AMP
+        self._trainer = build_step_trainer(
+            create_ddp_model(model, broadcast_buffers=False), data_loader, optimizer,
+            amp=amp.ENABLED, precision=amp.PRECISION, device=cfg.MODEL.DEVICE, key="SOLVER.AMP.PRECISION",
+        )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.ema = ModelEMA(model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
         self.checkpointer = build_checkpointer(cfg, self._trainer.model, trainer=weakref.proxy(self), ema=self.ema)
@@ -229,12 +220,12 @@ class RetinaFocalTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        names = cfg.DATASETS.TRAIN
-        dicts = get_detection_dataset_dicts(names, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-        num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
-        check_num_classes(num_classes, names)
-        check_dataset_dicts(dicts, num_classes, names)
-        dicts = drop_unusable_images(dicts, names, **image_check_args(cfg, is_train=True))
+        dicts = checked_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            cfg.MODEL.RETINANET.NUM_CLASSES,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            **image_check_args(cfg, is_train=True),
+        )
         mapper = build_train_mapper(cfg)
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
             logger.warning(

@@ -19,7 +19,7 @@ import time
 from typing import ContextManager, Optional, Tuple
 
 import torch
-from detectron2.engine.train_loop import AMPTrainer
+from detectron2.engine.train_loop import AMPTrainer, SimpleTrainer
 from detectron2.utils.events import get_event_storage
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "MixedPrecisionTrainer",
     "amp_dtype",
     "autocast",
+    "build_step_trainer",
     "cpu_description",
     "cpu_has_bf16_kernels",
     "full_precision",
@@ -161,3 +162,20 @@ class MixedPrecisionTrainer(AMPTrainer):
         super(AMPTrainer, self).load_state_dict(state_dict)
         if self.grad_scaler.is_enabled():
             logger.info("The checkpoint has no GradScaler state (saved without float16 AMP): the scaler starts fresh")
+
+
+def build_step_trainer(model, data_loader, optimizer, *, amp: bool, precision: str, device: str, key: str) -> SimpleTrainer:
+    """What runs one iteration: detectron2's ``SimpleTrainer``, or with ``amp`` a
+    :class:`MixedPrecisionTrainer` on ``device``'s type in ``amp_dtype(precision)``.
+
+    Args:
+        amp (bool): ``SOLVER.AMP.ENABLED`` (or a LazyConfig's ``train.amp.enabled``).
+        precision (str): "float16", "bfloat16" or "auto"; ``key`` names it in errors.
+        device (str): the model's device, e.g. "cuda", "cpu".
+    """
+    if not amp:
+        return SimpleTrainer(model, data_loader, optimizer)
+    dtype = amp_dtype(precision, device, key)
+    device_type = torch.device(device).type
+    logger.info(f"mixed precision ({key} {precision!r}): training under torch.autocast({device_type!r}, {dtype})")
+    return MixedPrecisionTrainer(model, data_loader, optimizer, device_type=device_type, precision=dtype)

@@ -4,6 +4,7 @@ from .checks import (
     check_dataset_dicts,
     check_num_classes,
     check_same_classes,
+    checked_dataset_dicts,
     drop_unusable_images,
     image_check_args,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "check_dataset_dicts",
     "check_num_classes",
     "check_same_classes",
+    "checked_dataset_dicts",
     "coco_json_for_evaluation",
     "dataset_folder_name",
     "drop_unusable_images",

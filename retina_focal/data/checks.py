@@ -17,11 +17,11 @@ import logging
 import math
 import numbers
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from detectron2.data import MetadataCatalog
+from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data.detection_utils import read_image
 from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.structures import BoxMode, Instances
@@ -36,6 +36,7 @@ __all__ = [
     "check_num_classes",
     "check_same_classes",
     "check_training_inputs",
+    "checked_dataset_dicts",
     "drop_empty_boxes",
     "drop_unusable_images",
     "UnusableImageError",
@@ -312,3 +313,24 @@ def drop_unusable_images(
         f"{listed}{more}\n(DATALOADER.CHECK_IMAGES {mode!r}; fix or remove these files)"
     )
     return [record for i, record in enumerate(dicts) if i not in problems]
+
+
+def checked_dataset_dicts(
+    names: Union[str, Sequence[str]],
+    num_classes: int,
+    *,
+    filter_empty: bool,
+    mode: str = "quick",
+    short_edge: int,
+    max_size: int,
+    keys: str = "INPUT.MIN_SIZE_TRAIN, INPUT.MAX_SIZE_TRAIN",
+) -> List[Dict]:
+    """The training records of the datasets ``names`` after every check before training:
+    the classes (:func:`check_num_classes`), the annotations (:func:`check_dataset_dicts`) and
+    the images (:func:`drop_unusable_images` with ``mode``, ``short_edge``, ``max_size``,
+    ``keys``). Also usable in a LazyConfig (``L(checked_dataset_dicts)(names=...)``)."""
+    names = [names] if isinstance(names, str) else list(names)
+    dicts = get_detection_dataset_dicts(names, filter_empty=filter_empty)
+    check_num_classes(num_classes, names)
+    check_dataset_dicts(dicts, num_classes, names)
+    return drop_unusable_images(dicts, names, mode, short_edge, max_size, keys)
