@@ -5,13 +5,17 @@
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS /path/to/model_final.pth
     python train_net.py --config-file ... --resume            # continue from last_checkpoint
     python train_net.py --num-gpus 2 --config-file ... MODEL.DEVICE cpu   # 2 gloo processes
+    python train_net.py --config-file configs/Shapes-Detection/retina_focal_R_18_FPN_demo.py  # a LazyConfig
 """
 from detectron2.engine import launch
 
 from retina_focal.engine import RetinaFocalTrainer, argument_parser, evaluate, setup
+from retina_focal.lazy import is_lazy_config, lazy_main
 
 
 def main(args, trainer_cls=RetinaFocalTrainer):
+    if is_lazy_config(args.config_file):  # a .py config: retina_focal/lazy.py
+        return lazy_main(args)
     cfg = setup(args)
     if args.eval_only:
         return evaluate(cfg)
