@@ -1,4 +1,5 @@
 import glob
+import math
 import os
 
 import pytest
@@ -53,3 +54,34 @@ def test_add_config_twice_keeps_merged_values():
     cfg.MODEL.RETINA_FOCAL.P6_FROM = "p5"
     retina_focal.add_retina_focal_config(cfg)
     assert cfg.MODEL.RETINA_FOCAL.P6_FROM == "p5"
+
+
+def test_v2_recipe_trains_two_iterations_with_its_switches_on(tmp_path):
+    """configs/COCO-Detection/retina_focal_R_50_FPN_v2_3x.yaml (PR #5756's recipe + EMA) on the tiny
+    shapes set at small sizes: GN head, gIoU loss, SyncBN backbone, EMA and multi-scale all
+    active, two iterations without error and finite losses."""
+    from detectron2.layers import FrozenBatchNorm2d
+    from torch import nn
+
+    from retina_focal.data import register_builtin_shapes
+    from retina_focal.engine import RetinaFocalTrainer
+
+    register_builtin_shapes()
+    cfg = load_config(
+        os.path.join(REPO, "configs/COCO-Detection/retina_focal_R_50_FPN_v2_3x.yaml"),
+        ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path),
+         "DATASETS.TRAIN", ("retina_focal_shapes_tiny_train",), "DATASETS.TEST", (), "MODEL.RETINANET.NUM_CLASSES", 5,
+         "SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", 2, "SOLVER.REFERENCE_WORLD_SIZE", 0,
+         "INPUT.MIN_SIZE_TRAIN", (96, 128), "INPUT.MAX_SIZE_TRAIN", 160, "DATALOADER.NUM_WORKERS", 0],
+    )
+    assert len(cfg.INPUT.MIN_SIZE_TRAIN) == 2 and cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING == "choice"
+    trainer = RetinaFocalTrainer(cfg)
+    model = trainer.model
+    assert model.box_reg_loss_type == "giou" and trainer.ema is not None and trainer.ema.decay == 0.9998
+    assert any(isinstance(m, nn.GroupNorm) for m in model.head.modules())
+    norms = [type(m) for m in model.backbone.bottom_up.res3.modules() if "BatchNorm" in type(m).__name__]
+    assert norms and all(t is nn.SyncBatchNorm for t in norms)
+    assert all(type(m) is FrozenBatchNorm2d for m in model.backbone.bottom_up.stem.modules() if "BatchNorm" in type(m).__name__)
+    trainer.train()
+    losses = trainer.storage.latest()
+    assert trainer.iter == 2 and all(math.isfinite(losses[k][0]) for k in ("loss_cls", "loss_box_reg"))
