@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from retina_focal.diagnostics.error_analysis import ImageBoxes
-from retina_focal.diagnostics.thresholds import read_thresholds, tune_thresholds
+from retina_focal.diagnostics.thresholds import read_thresholds, scores_at_threshold, tune_thresholds
 from retina_focal.predict import main as predict_main
 from tests.test_train_net import CONFIG, TINY, trained  # noqa: F401  (the module's trained model)
 from tools import tune_thresholds as tool
@@ -30,6 +30,10 @@ def test_f1_and_target_precision_by_hand():
     assert (nothing.threshold, nothing.recall) == (1.0, 0.0)  # class b: no box, no detection
     precise, _ = tune_thresholds(gt, det, names, target_precision=0.9)
     assert (precise.threshold, precise.precision, precise.recall) == pytest.approx((0.9, 1.0, 0.5))
+    fixed, empty = scores_at_threshold(gt, det, names, 0.75)  # keeps 0.9 (hit) and 0.8 (miss)
+    assert (fixed.threshold, fixed.precision, fixed.recall, fixed.f1) == pytest.approx((0.75, 0.5, 0.5, 0.5))
+    assert (empty.precision, empty.recall, empty.f1) == (0.0, 0.0, 0.0)
+    assert scores_at_threshold(gt, det, names, 0.95)[0].recall == 0.0  # nothing kept
     duplicate = {1: _boxes([[0, 0, 10, 10, 0], [0, 0, 10, 10, 0]], [0.9, 0.8])}  # one box matched once
     assert tune_thresholds(gt, duplicate, names)[0].precision == pytest.approx(1.0)
 
@@ -41,6 +45,7 @@ def test_the_tool_writes_the_json_beside_the_weights_and_predict_uses_it(trained
                            + [str(v) for v in TINY] + ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"])
     printed = capsys.readouterr().out
     assert "CLASS_SCORE_THRESH: [" in printed and len(thresholds) == 5
+    assert "for comparison, one threshold 0.3 for every class" in printed
     path = os.path.join(out, "class_thresholds.json")
     assert json.load(open(path))["criterion"] == "best F1 at IoU 0.5"
     assert read_thresholds(path, [t.name for t in thresholds]) == [t.threshold for t in thresholds]

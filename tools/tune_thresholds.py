@@ -23,7 +23,13 @@ from detectron2.data import MetadataCatalog  # noqa: E402
 from retina_focal.data import register_config_datasets  # noqa: E402
 from retina_focal.diagnostics import detections_from_coco_results, ground_truth_boxes  # noqa: E402
 from retina_focal.diagnostics.error_analysis import load_coco_results  # noqa: E402
-from retina_focal.diagnostics.thresholds import THRESHOLDS_FILE, ClassThreshold, tune_thresholds, write_thresholds  # noqa: E402
+from retina_focal.diagnostics.thresholds import (  # noqa: E402
+    THRESHOLDS_FILE,
+    ClassThreshold,
+    scores_at_threshold,
+    tune_thresholds,
+    write_thresholds,
+)
 from retina_focal.engine import load_config  # noqa: E402
 from tools.error_analysis import run_model  # noqa: E402
 
@@ -44,6 +50,8 @@ def main(argv=None) -> List[ClassThreshold]:
     parser.add_argument("--dataset", default="", help="registered dataset or coco:/voc:/csv: spec (default DATASETS.TEST[0])")
     parser.add_argument("--precision", type=float, help="instead of the best F1: the lowest threshold with this precision")
     parser.add_argument("--output", default="", help=f"JSON to write (default: {THRESHOLDS_FILE} beside --weights/--results)")
+    parser.add_argument("--compare", type=float, default=0.3,
+                        help="also print every class at this one threshold (retina-focal-predict's default 0.3)")
     parser.add_argument("--eval-dir", default="output/tune_thresholds", help="with --weights: evaluator output")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
@@ -53,11 +61,14 @@ def main(argv=None) -> List[ClassThreshold]:
     results_json = args.results or run_model(cfg, args.weights, dataset, args.eval_dir)
     class_names = MetadataCatalog.get(dataset).thing_classes
     detections = detections_from_coco_results(load_coco_results(results_json), dataset)
-    thresholds = tune_thresholds(ground_truth_boxes(dataset), detections, class_names, args.precision)
+    ground_truth = ground_truth_boxes(dataset)
+    thresholds = tune_thresholds(ground_truth, detections, class_names, args.precision)
     criterion = "best F1 at IoU 0.5" if args.precision is None else f"precision >= {args.precision} at IoU 0.5"
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.weights or results_json)), THRESHOLDS_FILE)
     write_thresholds(thresholds, output, criterion)
     print(f"{dataset}: per-class thresholds, {criterion}\n{table(thresholds)}\n")
+    same = scores_at_threshold(ground_truth, detections, class_names, args.compare)
+    print(f"for comparison, one threshold {args.compare} for every class\n{table(same)}\n")
     print("MODEL:\n  RETINA_FOCAL:\n    CLASS_SCORE_THRESH: [" + ", ".join(f"{t.threshold:.3f}" for t in thresholds) + "]")
     print(f"\nwritten to {output} (retina-focal-predict uses it for weights in that folder)")
     return thresholds

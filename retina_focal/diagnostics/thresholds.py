@@ -17,7 +17,7 @@ from detectron2.structures import Boxes, pairwise_iou
 
 from .error_analysis import ImageBoxes
 
-__all__ = ["THRESHOLDS_FILE", "ClassThreshold", "read_thresholds", "tune_thresholds", "write_thresholds"]
+__all__ = ["THRESHOLDS_FILE", "ClassThreshold", "read_thresholds", "scores_at_threshold", "tune_thresholds", "write_thresholds"]
 
 THRESHOLDS_FILE = "class_thresholds.json"  # beside MODEL.WEIGHTS; retina-focal-predict reads it
 MATCH_IOU = 0.5
@@ -61,6 +61,17 @@ def _class_matches(ground_truth: Dict[int, ImageBoxes], detections: Dict[int, Im
     return scores[order], torch.tensor(hits, dtype=torch.bool)[order] if hits else torch.zeros(0, dtype=torch.bool), num_gt
 
 
+def _class_curve(ground_truth: Dict[int, ImageBoxes], detections: Dict[int, ImageBoxes], k: int):
+    """Class ``k``'s (scores, precision, recall, F1) after each of its detections, best first
+    (each (D,)), and its number of ground-truth boxes."""
+    scores, hits, num_gt = _class_matches(ground_truth, detections, k)
+    tp = hits.cumsum(0).float()
+    precision = tp / torch.arange(1, len(hits) + 1)
+    recall = tp / max(num_gt, 1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    return scores, precision, recall, f1, num_gt
+
+
 def tune_thresholds(
     ground_truth: Dict[int, ImageBoxes],
     detections: Dict[int, ImageBoxes],
@@ -71,11 +82,7 @@ def tune_thresholds(
     matches gets threshold 1.0 (nothing kept) and zeros."""
     out = []
     for k, name in enumerate(class_names):
-        scores, hits, num_gt = _class_matches(ground_truth, detections, k)
-        tp = hits.cumsum(0).float()
-        precision = tp / torch.arange(1, len(hits) + 1)
-        recall = tp / max(num_gt, 1)
-        f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+        scores, precision, recall, f1, num_gt = _class_curve(ground_truth, detections, k)
         if target_precision is None:
             candidates = f1
         else:
@@ -85,6 +92,22 @@ def tune_thresholds(
             continue
         best = int(candidates.argmax())  # the first (highest-score) detection where the criterion peaks
         out.append(ClassThreshold(name, float(scores[best]), float(precision[best]), float(recall[best]), float(f1[best]), num_gt))
+    return out
+
+
+def scores_at_threshold(
+    ground_truth: Dict[int, ImageBoxes], detections: Dict[int, ImageBoxes], class_names: Sequence[str], threshold: float
+) -> List[ClassThreshold]:
+    """Precision, recall and F1 of every class when one ``threshold`` serves all classes (what
+    tuning is compared with; retina-focal-predict's default is 0.3)."""
+    out = []
+    for k, name in enumerate(class_names):
+        scores, precision, recall, f1, num_gt = _class_curve(ground_truth, detections, k)
+        kept = int((scores >= threshold).sum())  # scores are sorted, best first
+        if kept == 0:
+            out.append(ClassThreshold(name, threshold, 0.0, 0.0, 0.0, num_gt))
+            continue
+        out.append(ClassThreshold(name, threshold, float(precision[kept - 1]), float(recall[kept - 1]), float(f1[kept - 1]), num_gt))
     return out
 
 
