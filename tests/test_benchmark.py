@@ -31,8 +31,9 @@ def test_every_section_races_both_implementations(rows):
     both = {benchmark.OURS, benchmark.THEIRS}
     for section in ("memory", "scaling"):
         assert {r["implementation"] for r in _rows(rows, section)} == both, section
-    for section in ("train", "inference"):  # + the opt-in mixed-precision model, end to end
-        assert {r["implementation"] for r in _rows(rows, section)} == both | {benchmark.OURS_AMP}, section
+    amp, ema = {benchmark.OURS_AMP}, {benchmark.OURS_EMA}  # + the opt-in mixed precision, end to end; + the EMA update
+    assert {r["implementation"] for r in _rows(rows, "train")} == both | amp | ema
+    assert {r["implementation"] for r in _rows(rows, "inference")} == both | amp
     cases = {r["case"] for r in _rows(rows, "inference")}
     assert {c.split(",")[0] for c in cases} == {"end to end", "backbone + FPN", "head", "post-processing"}
     for r in rows:

@@ -27,6 +27,7 @@ initialization (no download), with the output convs redrawn for the inference se
 there are detections to post-process.
 """
 import argparse
+import copy
 import csv
 import json
 import os
@@ -47,6 +48,7 @@ from fvcore.nn import sigmoid_focal_loss_jit  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torchvision.ops import sigmoid_focal_loss as torchvision_focal_loss  # noqa: E402
 
+from retina_focal.ema import ModelEMA  # noqa: E402
 from retina_focal.engine import load_config  # noqa: E402
 from retina_focal.losses import FocalLoss, sigmoid_focal_loss  # noqa: E402
 from retina_focal.precision import amp_dtype, autocast, cpu_description, cpu_has_bf16_kernels  # noqa: E402
@@ -60,6 +62,7 @@ from retina_focal.testing import (  # noqa: E402
 DEFAULT_CONFIG = "configs/COCO-Detection/retina_focal_R_50_FPN_1x.yaml"
 SECTIONS = ("loss", "train", "inference", "memory", "scaling")
 OURS, THEIRS, OURS_AMP = "RetinaFocal", "detectron2 RetinaNet", "RetinaFocal AMP (opt-in)"
+OURS_EMA = "RetinaFocal + MODEL_EMA"
 
 
 def parse_args(argv=None):
@@ -134,9 +137,10 @@ def race(fns: Dict[str, Callable[[], object]], rounds: int, device: torch.device
     return times
 
 
-def train_step_fn(model, inputs, precision: Optional[torch.dtype] = None) -> Callable[[], None]:
+def train_step_fn(model, inputs, precision: Optional[torch.dtype] = None, ema: Optional[ModelEMA] = None) -> Callable[[], None]:
     """One SGD step on ``inputs``; with ``precision``, as SOLVER.AMP.ENABLED trains: the forward
-    under ``torch.autocast(device, precision)``, the loss scaled by a GradScaler for float16."""
+    under ``torch.autocast(device, precision)``, the loss scaled by a GradScaler for float16;
+    with ``ema``, its update after the step (MODEL_EMA.ENABLED)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     model.train()
     device_type = model.device.type
@@ -149,6 +153,8 @@ def train_step_fn(model, inputs, precision: Optional[torch.dtype] = None) -> Cal
         scaler.scale(sum(losses.values())).backward()
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update()
 
     return step
 
@@ -248,6 +254,8 @@ def bench_train(args, report: Report, device: torch.device) -> None:
     inputs = synthetic_batch(args.train_batch, args.train_size, cfg.MODEL.RETINANET.NUM_CLASSES)
     precisions = {OURS_AMP: amp_precision(args)}
     steps = {name: train_step_fn(m, inputs, precisions.get(name)) for name, m in models.items()}
+    with_ema = copy.deepcopy(models[OURS])
+    steps[OURS_EMA] = train_step_fn(with_ema, inputs, ema=ModelEMA(with_ema, decay=cfg.MODEL_EMA.DECAY))
     if args.profile:
         print_profiles(steps, f"train step, batch {args.train_batch} @ {args.train_size}px")
     times = race(steps, args.rounds, device)
