@@ -9,9 +9,10 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
+from detectron2.solver import LRMultiplier
 from detectron2.utils.events import EventStorage
 
-from retina_focal.engine import load_config
+from retina_focal.engine import RetinaFocalTrainer, load_config
 from retina_focal.lazy import is_lazy_config, lazy_setup
 from retina_focal.testing import make_detections_nontrivial, paired_detection_rows, synthetic_batch
 from tests.conftest import REPO
@@ -48,6 +49,18 @@ def test_lazy_config_builds_the_yaml_model(stem):
     for a, b in zip(*outputs):
         rows_a, rows_b = paired_detection_rows(a["instances"], b["instances"])
         assert len(rows_a) > 0 and torch.equal(rows_a, rows_b)
+
+
+def test_same_seed_same_initial_weights():
+    """With the same seed both configs draw the same initial weights (the §4.1 initialization in
+    the same order), so a .py and a .yaml run differ only by their data streams."""
+    lazy_cfg = LazyConfig.load(os.path.join(REPO, DEMO + ".py"))
+    cfg = load_config(os.path.join(REPO, DEMO + ".yaml"))
+    torch.manual_seed(1)
+    lazy = instantiate(lazy_cfg.model).state_dict()
+    torch.manual_seed(1)
+    twin = build_model(cfg).state_dict()
+    assert all(torch.equal(lazy[k], twin[k]) for k in twin)
 
 
 def test_only_py_files_are_lazy_configs():
@@ -90,3 +103,26 @@ def test_train_net_trains_with_amp_and_evaluates_a_py_config(tmp_path):
     assert "copypaste: AP,AP50" in log
     proc, log = _train_net([f"train.output_dir={out}/eval"], flags=["--eval-only"])
     assert proc.returncode != 0 and "evaluates train.init_checkpoint, which is empty" in log
+
+
+def test_demo_py_config_trains_the_yaml_recipe():
+    """The demo's optimizer (every parameter's LR, weight decay, momentum) and LR at every
+    iteration equal the .yaml trainer's."""
+    lazy_cfg = LazyConfig.load(os.path.join(REPO, DEMO + ".py"))
+    lazy, twin = _twins(DEMO)
+    lazy_cfg.optimizer.params.model = lazy
+    optimizers = {"py": (lazy, instantiate(lazy_cfg.optimizer))}
+    cfg = load_config(os.path.join(REPO, DEMO + ".yaml"))
+    optimizers["yaml"] = (twin, RetinaFocalTrainer.build_optimizer(cfg, twin))
+    groups = {}
+    for key, (model, optimizer) in optimizers.items():
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups[key] = {names[id(p)]: (g["lr"], g["weight_decay"], g["momentum"], g["nesterov"])
+                       for g in optimizer.param_groups for p in g["params"]}
+    assert len(groups["py"]) == len(list(twin.parameters())) and groups["py"] == groups["yaml"]
+    lazy_lr = LRMultiplier(optimizers["py"][1], instantiate(lazy_cfg.lr_multiplier), max_iter=lazy_cfg.train.max_iter)
+    yaml_lr = RetinaFocalTrainer.build_lr_scheduler(cfg, optimizers["yaml"][1])
+    assert lazy_cfg.train.max_iter == cfg.SOLVER.MAX_ITER
+    for _ in range(cfg.SOLVER.MAX_ITER):
+        assert lazy_lr.get_last_lr() == pytest.approx(yaml_lr.get_last_lr(), rel=1e-12)
+        lazy_lr.step(), yaml_lr.step()
