@@ -17,7 +17,7 @@ confusion matrix, localization / confusion / background false positives) are in
 """
 import argparse
 import os
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import inference_on_dataset
@@ -78,15 +78,30 @@ def error_analysis(dataset_name: str, results_json: str, score_thresh: float, ou
     return {"per_class_ap": ap_rows, "summary": summary, "paths": paths}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_results_arguments(parser: argparse.ArgumentParser, eval_dir: str) -> None:
+    """The arguments that name a dataset's detections: ``--config-file``, ``--results`` (a COCO
+    results JSON) or ``--weights`` (evaluated first, into ``--eval-dir``), ``--dataset``."""
     parser.add_argument("--config-file", required=True, metavar="FILE")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--results", help="COCO results JSON (coco_instances_results.json)")
     source.add_argument("--weights", help="checkpoint to run on the dataset first")
     parser.add_argument("--dataset", default="", help="registered dataset or coco:/voc:/csv: spec (default DATASETS.TEST[0])")
+    parser.add_argument("--eval-dir", default=eval_dir, help="with --weights: evaluator output")
+
+
+def dataset_and_results(args) -> Tuple[str, str]:
+    """(dataset name, results JSON) of :func:`add_results_arguments`'s ``args``: the dataset
+    registered (a coco:/voc:/csv: spec given to ``--dataset``), ``--weights`` evaluated on it."""
+    cfg = load_config(args.config_file, args.opts)
+    dataset = args.dataset or cfg.DATASETS.TEST[0]
+    register_config_datasets(cfg, [dataset])
+    return dataset, args.results or run_model(cfg, args.weights, dataset, args.eval_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_results_arguments(parser, eval_dir="output/error_analysis")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="for the confusion matrix and FP types")
-    parser.add_argument("--eval-dir", default="output/error_analysis", help="with --weights: evaluator output")
     parser.add_argument("--output-dir", default="output/error_analysis", help="where the PNGs go")
     parser.add_argument("--prefix", default="diagnostics_", help="PNG file name prefix")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
@@ -95,10 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] = None) -> Dict:
     args = build_parser().parse_args(argv)
-    cfg = load_config(args.config_file, args.opts)
-    dataset = args.dataset or cfg.DATASETS.TEST[0]
-    register_config_datasets(cfg, [dataset])  # a coco:/voc:/csv: spec given to --dataset
-    results = args.results or run_model(cfg, args.weights, dataset, args.eval_dir)
+    dataset, results = dataset_and_results(args)
     return error_analysis(dataset, results, args.score_thresh, args.output_dir, args.prefix)
 
 

@@ -20,7 +20,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from detectron2.data import MetadataCatalog  # noqa: E402
 
-from retina_focal.data import register_config_datasets  # noqa: E402
 from retina_focal.diagnostics import detections_from_coco_results, ground_truth_boxes  # noqa: E402
 from retina_focal.diagnostics.error_analysis import load_coco_results  # noqa: E402
 from retina_focal.diagnostics.thresholds import (  # noqa: E402
@@ -30,8 +29,7 @@ from retina_focal.diagnostics.thresholds import (  # noqa: E402
     tune_thresholds,
     write_thresholds,
 )
-from retina_focal.engine import load_config  # noqa: E402
-from tools.error_analysis import run_model  # noqa: E402
+from tools.error_analysis import add_results_arguments, dataset_and_results  # noqa: E402
 
 
 def table(thresholds: Sequence[ClassThreshold]) -> str:
@@ -43,22 +41,14 @@ def table(thresholds: Sequence[ClassThreshold]) -> str:
 
 def main(argv=None) -> List[ClassThreshold]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--results", help="COCO results JSON (coco_instances_results.json)")
-    source.add_argument("--weights", help="checkpoint to run on the dataset first")
-    parser.add_argument("--dataset", default="", help="registered dataset or coco:/voc:/csv: spec (default DATASETS.TEST[0])")
+    add_results_arguments(parser, eval_dir="output/tune_thresholds")
     parser.add_argument("--precision", type=float, help="instead of the best F1: the lowest threshold with this precision")
     parser.add_argument("--output", default="", help=f"JSON to write (default: {THRESHOLDS_FILE} beside --weights/--results)")
     parser.add_argument("--compare", type=float, default=0.3,
                         help="also print every class at this one threshold (retina-focal-predict's default 0.3)")
-    parser.add_argument("--eval-dir", default="output/tune_thresholds", help="with --weights: evaluator output")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config_file, args.opts)
-    dataset = args.dataset or cfg.DATASETS.TEST[0]
-    register_config_datasets(cfg, [dataset])
-    results_json = args.results or run_model(cfg, args.weights, dataset, args.eval_dir)
+    dataset, results_json = dataset_and_results(args)
     class_names = MetadataCatalog.get(dataset).thing_classes
     detections = detections_from_coco_results(load_coco_results(results_json), dataset)
     ground_truth = ground_truth_boxes(dataset)
