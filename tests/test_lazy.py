@@ -89,15 +89,20 @@ def _train_net(args, flags=()):
     return proc, proc.stdout + proc.stderr
 
 
-def test_train_net_trains_with_amp_and_evaluates_a_py_config(tmp_path):
+def test_train_net_trains_with_amp_resumes_and_evaluates_a_py_config(tmp_path):
     """Two bf16 mixed-precision iterations (train.amp.enabled on a CPU), a checkpoint, COCO
-    evaluation at the end, then --eval-only on that checkpoint; an empty checkpoint is an error."""
+    evaluation at the end, --resume continuing after it, then --eval-only on that checkpoint;
+    an empty checkpoint is an error."""
     out = str(tmp_path)
     proc, log = _train_net(["train.max_iter=2", "train.eval_period=2", f"train.output_dir={out}", "train.amp.enabled=True"])
     assert proc.returncode == 0, log[-3000:]
     assert "training under torch.autocast('cpu', torch.bfloat16)" in log
     assert os.path.isfile(os.path.join(out, "model_final.pth")) and "copypaste: AP,AP50" in log
     weights = os.path.join(out, "model_final.pth")
+    proc, log = _train_net(["train.max_iter=3", "train.eval_period=0", f"train.output_dir={out}", "train.amp.enabled=True"],
+                           flags=["--resume"])
+    assert proc.returncode == 0, log[-3000:]
+    assert "Starting training from iteration 2" in log  # after the 2 saved iterations
     proc, log = _train_net([f"train.init_checkpoint={weights}", f"train.output_dir={out}/eval"], flags=["--eval-only"])
     assert proc.returncode == 0, log[-3000:]
     assert "copypaste: AP,AP50" in log
