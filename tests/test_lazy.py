@@ -12,7 +12,9 @@ from detectron2.modeling import build_model
 from detectron2.solver import LRMultiplier
 from detectron2.utils.events import EventStorage
 
+from retina_focal.data import checked_dataset_dicts
 from retina_focal.engine import RetinaFocalTrainer, load_config
+from retina_focal.evaluation import RetinaFocalCOCOEvaluator
 from retina_focal.lazy import is_lazy_config, lazy_setup
 from retina_focal.testing import make_detections_nontrivial, paired_detection_rows, synthetic_batch
 from tests.conftest import REPO
@@ -61,6 +63,15 @@ def test_same_seed_same_initial_weights():
     torch.manual_seed(1)
     twin = build_model(cfg).state_dict()
     assert all(torch.equal(lazy[k], twin[k]) for k in twin)
+
+
+@pytest.mark.parametrize("stem", TWINS)
+def test_py_configs_check_their_training_data_and_evaluate_as_the_yaml_trainer(stem):
+    """The training set goes through the .yaml trainer's checks (checked_dataset_dicts) and
+    the evaluator is the .yaml trainer's (RetinaFocalCOCOEvaluator, which notes why AP is NaN)."""
+    dataloader = LazyConfig.load(os.path.join(REPO, stem + ".py")).dataloader
+    assert dataloader.train.dataset._target_ is checked_dataset_dicts
+    assert dataloader.evaluator._target_ is RetinaFocalCOCOEvaluator
 
 
 def test_only_py_files_are_lazy_configs():
