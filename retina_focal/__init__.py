@@ -4,7 +4,8 @@
 ``RetinaFocal``, the backbone builder ``build_retina_focal_resnet_fpn_backbone`` and the
 anchor generator ``RetinaFocalAnchorGenerator``; and, in the plugin's own registries, the
 heads ``RetinaFocalHead`` and ``RetinaFocalLightHead`` and the losses ``FocalLoss``,
-``FocalLossStar`` and ``OHEMLoss``.
+``FocalLossStar`` and ``OHEMLoss``, and the inference backends ``compiled`` and
+``onnxruntime`` (``TEST.BACKEND.NAME``).
 """
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ from .meta_arch import RetinaFocal
 from .checkpoint import RetinaFocalCheckpointer
 from .evaluation import RetinaFocalCOCOEvaluator, RetinaFocalFastCOCOEvaluator
 from .hooks import ValidationLoss
+from .backends import INFERENCE_BACKEND_REGISTRY, build_inference_model
 from .diagnostics import measure_coverage, propose_anchors
 from . import data  # noqa: F401  (retina_focal.data.register_shapes; train_net registers them)
 
@@ -49,6 +51,8 @@ __all__ = [
     "RetinaFocalCOCOEvaluator",
     "RetinaFocalFastCOCOEvaluator",
     "ValidationLoss",
+    "INFERENCE_BACKEND_REGISTRY",
+    "build_inference_model",
     "measure_coverage",
     "propose_anchors",
 ]

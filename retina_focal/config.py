@@ -122,6 +122,17 @@ def add_retina_focal_config(cfg: CN) -> CN:
         "MODEL.RETINA_FOCAL.BF16 True is now TEST.AMP.ENABLED True TEST.AMP.PRECISION bfloat16 for "
         "inference, and SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION bfloat16 for training",
     )
+    # Inference backend (retina_focal/backends.py) of --eval-only, retina-focal-predict and
+    # tools/export.py --backend: "eager" = the PyTorch model; "compiled" = torch.export +
+    # AOTInductor; "onnxruntime" = the ONNX export on ONNX Runtime's CPU provider. The latter two
+    # run one image at a time and cache what they build in CACHE_DIR ("" = OUTPUT_DIR/
+    # inference_backend). INT8 (onnxruntime only): static int8 quantization calibrated on
+    # CALIBRATION_IMAGES images of DATASETS.TRAIN. Evaluation during training stays eager.
+    _C.TEST.BACKEND = CN()
+    _C.TEST.BACKEND.NAME = "eager"
+    _C.TEST.BACKEND.INT8 = False
+    _C.TEST.BACKEND.CALIBRATION_IMAGES = 200
+    _C.TEST.BACKEND.CACHE_DIR = ""
     # Loading a checkpoint whose classifier has another number of classes is an error; True
     # loads every other weight and keeps the new classifier (fine-tuning on a new dataset).
     _C.MODEL.RETINA_FOCAL.REINIT_MISMATCHED_CLASSIFIER = False

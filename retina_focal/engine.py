@@ -29,6 +29,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from detectron2.utils.logger import setup_logger
 
+from .backends import add_backend_argument, backend_opts, build_inference_model, check_backend_settings
 from .checkpoint import AttributeState, RetinaFocalCheckpointer, RunFacts, load_inference_weights
 from .config import add_retina_focal_config
 from .data.mapper import build_train_mapper
@@ -379,8 +380,9 @@ def _resolve_class_balanced_alpha(cfg) -> Optional[str]:
 
 
 def argument_parser():
-    """detectron2's ``default_argument_parser`` plus ``--fit-anchors``."""
+    """detectron2's ``default_argument_parser`` plus ``--fit-anchors`` and ``--backend``."""
     parser = default_argument_parser()
+    add_backend_argument(parser)
     parser.add_argument(
         "--fit-anchors",
         action="store_true",
@@ -393,7 +395,7 @@ def argument_parser():
 def setup(args):
     """Build the frozen cfg from ``--config-file`` and trailing ``KEY VALUE`` overrides
     (and, with ``--fit-anchors``, anchors fitted to the training boxes)."""
-    cfg, notes = _config_and_notes(args.config_file, args.opts)
+    cfg, notes = _config_and_notes(args.config_file, backend_opts(args) + list(args.opts))
     if getattr(args, "fit_anchors", False):
         notes.append(fit_anchors(cfg))
     cfg.freeze()
@@ -430,9 +432,12 @@ def _share_cpu_threads(cfg) -> None:
 
 def evaluate(cfg):
     """``--eval-only``: load ``MODEL.WEIGHTS`` (all of the model's tensors must be in it) and
-    run the test sets through COCOEvaluator, with ``TEST.AUG.ENABLED`` also with TTA."""
+    run the test sets through COCOEvaluator with the backend ``TEST.BACKEND.NAME``
+    (retina_focal/backends.py), with ``TEST.AUG.ENABLED`` also with TTA."""
+    check_backend_settings(cfg)
     model = RetinaFocalTrainer.build_model(cfg)
     load_inference_weights(model, cfg.MODEL.WEIGHTS)
+    model = build_inference_model(cfg, model.eval())
     results = RetinaFocalTrainer.test(cfg, model)
     if cfg.TEST.AUG.ENABLED:
         results.update(RetinaFocalTrainer.test_with_TTA(cfg, model))

@@ -49,6 +49,8 @@ def lazy_setup(args):
     built-in shapes and coco:/voc:/csv: specs) and set up logging as detectron2 does."""
     if getattr(args, "fit_anchors", False):
         raise ValueError("--fit-anchors needs a .yaml config (it writes MODEL.ANCHOR_GENERATOR keys)")
+    if getattr(args, "backend", None):
+        raise ValueError("--backend needs a .yaml config (it sets TEST.BACKEND keys)")
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     register_builtin_shapes()
     for name in _names(cfg.dataloader.train.dataset) + _names(cfg.dataloader.test.dataset):

@@ -50,6 +50,7 @@ from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 from tqdm import tqdm
 
+from .backends import add_backend_argument, backend_opts, build_inference_model, check_backend_settings
 from .checkpoint import load_inference_weights
 from .data.checks import UnusableImageError, read_usable_image, resize_problem
 from .diagnostics.thresholds import THRESHOLDS_FILE, read_thresholds
@@ -100,10 +101,11 @@ class BatchPredictor:
     ``Instances`` per image out, in original-image pixels."""
 
     def __init__(self, cfg):
-        """Build the model of ``cfg`` and load ``cfg.MODEL.WEIGHTS`` (see :func:`load_model`);
-        with ``TEST.AUG.ENABLED`` it predicts with test-time augmentation."""
+        """Build the model of ``cfg`` and load ``cfg.MODEL.WEIGHTS`` (see :func:`load_model`),
+        run by the backend ``TEST.BACKEND.NAME`` (retina_focal/backends.py); with
+        ``TEST.AUG.ENABLED`` it predicts with test-time augmentation."""
         self.cfg = cfg
-        self.model = load_model(cfg)
+        self.model = build_inference_model(cfg, load_model(cfg))
         if cfg.TEST.AUG.ENABLED:
             self.model = RetinaFocalWithTTA.from_config(cfg, self.model)
 
@@ -382,6 +384,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", metavar="FILE", help="results file (default: OUTPUT/results.json)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    add_backend_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE, e.g. MODEL.WEIGHTS w.pth")
     return parser
 
@@ -448,7 +451,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: no image or video to predict in --input", file=sys.stderr)
         _print_skipped(inputs.skipped)
         return 2
-    cfg = load_config(args.config_file, args.opts)
+    cfg = load_config(args.config_file, backend_opts(args) + args.opts)
+    try:
+        check_backend_settings(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         predictor = BatchPredictor(cfg)
     except (FileNotFoundError, ValueError) as e:

@@ -1,6 +1,7 @@
 """train_net.py end to end on the tiny shapes set: 1 process, --eval-only, 2 CPU processes."""
 import json
 import math
+from collections import Counter
 import os
 import socket
 import subprocess
@@ -75,6 +76,26 @@ def test_eval_only_loads_weights_and_runs_coco_evaluator(trained, tmp_path):
     # says so); either way the evaluator ran and reported the COCO metrics
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
     assert os.path.exists(os.path.join(str(tmp_path), "inference", "retina_focal_shapes_tiny_val", "coco_instances_results.json"))
+
+
+def _coco_results(out_dir):
+    with open(os.path.join(out_dir, "inference", "retina_focal_shapes_tiny_val", "coco_instances_results.json")) as f:
+        return sorted(json.load(f), key=lambda r: (r["image_id"], -r["score"]))
+
+
+def test_eval_only_with_a_backend_gives_the_eager_detections(trained, tmp_path):
+    """--backend onnxruntime (TEST.BACKEND.NAME): the detections COCOEvaluator scores are the
+    eager model's (threshold 0: 100 per image, so there is something to compare)."""
+    out, _ = trained
+    args = ["--eval-only", "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"] + TINY
+    _run(args + ["OUTPUT_DIR", str(tmp_path / "eager")])
+    log = _run(["--backend", "onnxruntime"] + args + ["OUTPUT_DIR", str(tmp_path / "ort")])
+    assert "onnxruntime backend (float32)" in log
+    eager, ort = _coco_results(str(tmp_path / "eager")), _coco_results(str(tmp_path / "ort"))
+    assert len(ort) == len(eager) == 16 * 100
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(eager, ort)) < 1e-4  # sorted per image
+    per_image = [Counter((r["image_id"], r["category_id"]) for r in results) for results in (eager, ort)]
+    assert per_image[0] == per_image[1]
 
 
 ITERS_LOGGED = ["SOLVER.MAX_ITER", "3", "SOLVER.LOG_PERIOD", "1", "SEED", "3"]
