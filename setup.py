@@ -36,6 +36,7 @@ setup(
         "tqdm>4.29",
     ],
     extras_require={
+        "onnx": ["onnx>=1.14", "onnxruntime>=1.16", "onnxscript>=0.3"],  # tools/export.py --format onnx, TEST.BACKEND onnxruntime
         "test": ["pytest>=7", "hypothesis>=6", "onnx>=1.14", "onnxruntime>=1.16", "onnxscript>=0.3", "faster-coco-eval>=1.6"],
     },
     entry_points={"console_scripts": ["retina-focal-predict=retina_focal.predict:main"]},

@@ -7,18 +7,21 @@ every backend (:func:`retina_focal.export.postprocess`). ``TEST.BACKEND.NAME``:
 
 * ``eager``: the PyTorch model as it trained (the default; batches as detectron2 pads them);
 * ``compiled``: ``torch.export`` + AOTInductor (C++ code generated and built for this CPU,
-  weights frozen into it). H and W are dynamic, so one compilation serves every image size
-  from twice the largest feature stride up (256 px for P7); a smaller padded size (the
+  weights frozen into it). H and W are dynamic, so one compilation serves every padded size
+  from twice the largest feature stride (256 px for P7) to 4096 px; a size outside (the
   128-px demo) gets a program of its own. ``TEST.AMP`` is compiled into it;
 * ``onnxruntime``: the ONNX export run by ONNX Runtime's CPU provider, float32, or int8 with
   ``TEST.BACKEND.INT8``: static post-training quantization (QDQ, weights per channel, int8;
   activations uint8) calibrated on ``TEST.BACKEND.CALIBRATION_IMAGES`` images of
   ``DATASETS.TRAIN``.
 
-The compiled and ONNX backends run the images of a batch one at a time (batch 1, each padded
-to the size divisibility only). What they build is cached in ``TEST.BACKEND.CACHE_DIR``
-(default ``OUTPUT_DIR/inference_backend``) under a key of the weights and every config key
-that changes the network, so a second run, or a second process, loads it in a second.
+The compiled and ONNX backends run on the CPU (``MODEL.DEVICE cpu``), the images of a batch
+one at a time (batch 1, each padded to the size divisibility only). What they build is cached
+in ``TEST.BACKEND.CACHE_DIR`` (default ``OUTPUT_DIR/inference_backend``) under a key of the
+weights and every setting that changes the network (:func:`network_key`), so a second run
+loads it in about a second, int8 without calibrating again. Processes of a distributed
+``--eval-only`` each build the programs the first time (the files are renamed into place, so
+they do not clash).
 Backends are registered in :data:`INFERENCE_BACKEND_REGISTRY`: a function
 ``(cfg, model) -> network``, where ``network(image)`` takes the padded (1, 3, H, W) float32
 image and returns the ``3 * L`` outputs of ``ExportableRetinaFocal``.
@@ -28,7 +31,7 @@ import logging
 import os
 import tempfile
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -36,7 +39,15 @@ from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.utils.registry import Registry
 from torch import Tensor, nn
 
-from .export import ExportableRetinaFocal, export_dynamic_shapes, export_onnx, padded_for_export, postprocess
+from .export import (
+    MAX_DYNAMIC_SIDE,
+    ExportableRetinaFocal,
+    export_dynamic_shapes,
+    export_onnx,
+    min_dynamic_side,
+    padded_for_export,
+    postprocess,
+)
 
 __all__ = [
     "INFERENCE_BACKEND_REGISTRY",
@@ -62,6 +73,8 @@ def check_backend_settings(cfg) -> None:
     known = backend_names()
     if name not in known:
         raise ValueError(f"TEST.BACKEND.NAME must be one of {known}, got {name!r}")
+    if name != "eager" and torch.device(cfg.MODEL.DEVICE).type != "cpu":
+        raise ValueError(f"TEST.BACKEND.NAME {name} runs on the CPU; with MODEL.DEVICE {cfg.MODEL.DEVICE} use eager")
     if cfg.TEST.BACKEND.INT8 and name != "onnxruntime":
         raise ValueError(f"TEST.BACKEND.INT8 True needs TEST.BACKEND.NAME onnxruntime, got {name!r}")
     if cfg.TEST.AMP.ENABLED and name == "onnxruntime":
@@ -132,18 +145,52 @@ class BackendModel(nn.Module):
 
 # ---------------------------------------------------------------------------------- cache
 
+# Keys of cfg.MODEL that act after the network (post-processing) or only name files: the
+# cache key leaves them out, so changing a threshold or moving the weights rebuilds nothing.
+_KEYS_AFTER_THE_NETWORK = (
+    "WEIGHTS",
+    "RETINANET.SCORE_THRESH_TEST",
+    "RETINANET.TOPK_CANDIDATES_TEST",
+    "RETINANET.NMS_THRESH_TEST",
+    "RETINA_FOCAL.CLASS_SCORE_THRESH",
+    "RETINA_FOCAL.CLASS_AGNOSTIC_NMS",
+    "RETINA_FOCAL.FAST_POSTPROCESS",
+)
+
 
 def network_key(cfg, model: nn.Module) -> str:
-    """A hash of what decides the network's outputs: the weights, the model config, the input
-    format, ``TEST.AMP``, the int8 settings and the library versions."""
+    """A hash of what decides the network's outputs: the weights, the model config (less
+    :data:`_KEYS_AFTER_THE_NETWORK`), the input format, ``TEST.AMP``, the versions of torch
+    and onnxruntime, torch's CPU capability (the compiled code's instruction set) and, for
+    int8, the calibration settings: number of images, names of the sets (not their files:
+    after changing a set's images under the same name, empty the cache) and the test-time
+    resize."""
+    network_cfg = cfg.MODEL.clone()
+    for key in _KEYS_AFTER_THE_NETWORK:
+        node, leaf = network_cfg, key.split(".")
+        for part in leaf[:-1]:
+            node = node[part]
+        node[leaf[-1]] = None
+    texts = [network_cfg.dump(), cfg.INPUT.FORMAT, cfg.TEST.AMP.dump(), torch.__version__, _onnxruntime_version(),
+             torch.backends.cpu.get_cpu_capability()]
+    if cfg.TEST.BACKEND.INT8:
+        texts += [str(cfg.TEST.BACKEND.CALIBRATION_IMAGES), str(list(cfg.DATASETS.TRAIN)),
+                  str((cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST))]
     digest = hashlib.sha256()
-    for text in (cfg.MODEL.dump(), cfg.INPUT.FORMAT, cfg.TEST.AMP.dump(), str(cfg.TEST.BACKEND.INT8),
-                 str(cfg.TEST.BACKEND.CALIBRATION_IMAGES), str(cfg.DATASETS.TRAIN), torch.__version__):
+    for text in texts:
         digest.update(text.encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _onnxruntime_version() -> str:
+    try:
+        import onnxruntime
+    except ImportError:
+        return "no onnxruntime"
+    return onnxruntime.__version__
 
 
 def cache_dir(cfg) -> str:
@@ -152,12 +199,14 @@ def cache_dir(cfg) -> str:
 
 def cached(path: str, build: Callable[[str], None], what: str) -> str:
     """``path``, built by ``build(tmp_path)`` unless it exists; written under a temporary name
-    and renamed, so an interrupted build leaves nothing that a later run would load."""
+    (``.building-*``) and renamed, so an interrupted build leaves nothing that a later run would
+    load."""
     if os.path.isfile(path):
         logger.info(f"{what}: loading {path}")
         return path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=os.path.splitext(path)[1])
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".building-", suffix=os.path.splitext(path)[1])
     os.close(fd)
     start = time.perf_counter()
     try:
@@ -170,31 +219,43 @@ def cached(path: str, build: Callable[[str], None], what: str) -> str:
     return path
 
 
-def program_size(model: nn.Module, image: Tensor) -> str:
-    """"dynamic" when one dynamic-shape program serves the padded ``image`` (1, 3, H, W), else
-    "<H>x<W>": sides below twice the largest stride need a program of their own
-    (:func:`retina_focal.export.export_dynamic_shapes`)."""
-    if export_dynamic_shapes(ExportableRetinaFocal(model), image) is not None:
-        return "dynamic"
-    return "x".join(str(s) for s in image.shape[-2:])
+def loaded(path: str, load: Callable[[str], object]):
+    """``load(path)``; a file that cannot be loaded is named (delete it to rebuild)."""
+    try:
+        return load(path)
+    except Exception as e:
+        raise RuntimeError(f"cannot load the cached program {path} ({type(e).__name__}: {e}); delete it to rebuild") from e
 
 
-def example_image(model: nn.Module, size: str) -> Tensor:
-    """A blank padded (1, 3, H, W) image for ``program_size`` ``size`` (256 px for "dynamic")."""
-    if size == "dynamic":
-        largest_stride = max(model.backbone.output_shape()[f].stride for f in model.head_in_features)
-        height = width = 2 * largest_stride
-    else:
-        height, width = (int(s) for s in size.split("x"))
+# ------------------------------------------------------------------------- program sizes
+
+Size = Optional[Tuple[int, int]]  # None: the dynamic-shape program; (H, W): a fixed-size one
+
+
+def program_size(model: nn.Module, image: Tensor) -> Size:
+    """The program that serves the padded ``image`` (1, 3, H, W): the dynamic-shape one (None)
+    when both sides are in its range, else one of its own size (H, W)."""
+    height, width = image.shape[-2:]
+    low, high = min_dynamic_side(model), MAX_DYNAMIC_SIDE
+    return None if low <= min(height, width) and max(height, width) <= high else (int(height), int(width))
+
+
+def size_label(size: Size) -> str:
+    return "dynamic" if size is None else f"{size[0]}x{size[1]}"
+
+
+def example_image(model: nn.Module, size: Size) -> Tensor:
+    """A blank padded (1, 3, H, W) image of ``size`` (for None, the dynamic range's smallest)."""
+    height, width = size or (min_dynamic_side(model),) * 2
     return padded_for_export(model, torch.zeros(1, 3, height, width, device=model.device))
 
 
 class PerSizePrograms:
-    """A network that builds (or loads) one program per :func:`program_size` on first use."""
+    """A network that builds (or loads) the program of each :func:`program_size` on first use."""
 
-    def __init__(self, model: nn.Module, load: Callable[[str], Network]):
+    def __init__(self, model: nn.Module, load: Callable[[Size], Network]):
         self.model, self.load = model, load
-        self.programs: Dict[str, Network] = {}
+        self.programs: Dict[Size, Network] = {}
 
     def __call__(self, image: Tensor) -> Sequence:
         size = program_size(self.model, image)
@@ -211,16 +272,16 @@ def compiled(cfg, model: nn.Module) -> Network:
     """torch.export + AOTInductor; the packages (.pt2) cached on disk."""
     exportable, key = ExportableRetinaFocal(model), network_key(cfg, model)
 
-    def load(size: str) -> Network:
+    def load(size: Size) -> Network:
         def build(path: str) -> None:
             example = example_image(model, size)
             with torch.no_grad():
                 program = torch.export.export(exportable, (example,), dynamic_shapes=export_dynamic_shapes(exportable, example))
                 torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs={"freezing": True})
 
-        path = cached(os.path.join(cache_dir(cfg), f"compiled-{key}-{size}.pt2"), build, f"compiled backend ({size})")
-        runner = torch._inductor.aoti_load_package(path)
-        return lambda image: runner(image)
+        label = size_label(size)
+        path = cached(os.path.join(cache_dir(cfg), f"compiled-{key}-{label}.pt2"), build, f"compiled backend ({label})")
+        return loaded(path, torch._inductor.aoti_load_package)
 
     return PerSizePrograms(model, load)
 
@@ -229,34 +290,34 @@ def compiled(cfg, model: nn.Module) -> Network:
 def onnxruntime(cfg, model: nn.Module) -> Network:
     """ONNX Runtime's CPU provider on the ONNX export (float32, or int8 with TEST.BACKEND.INT8);
     the .onnx files cached on disk."""
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError("TEST.BACKEND.NAME onnxruntime needs onnxruntime, onnx and onnxscript: pip install -e '.[onnx]'") from e
 
     exportable, key = ExportableRetinaFocal(model), network_key(cfg, model)
-    kind = "int8" if cfg.TEST.BACKEND.INT8 else "float32"
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3  # errors only
 
-    def load(size: str) -> Network:
-        def build_float32(path: str) -> None:
-            export_onnx(exportable, example_image(model, size), path)
-
-        path = cached(os.path.join(cache_dir(cfg), f"onnx-{key}-{size}-float32.onnx"), build_float32, f"ONNX export ({size})")
+    def load(size: Size) -> Network:
+        label = size_label(size)
+        path = cached(os.path.join(cache_dir(cfg), f"onnx-{key}-{label}-float32.onnx"),
+                      lambda out: export_onnx(exportable, example_image(model, size), out), f"ONNX export ({label})")
         if cfg.TEST.BACKEND.INT8:
-            images = calibration_images(cfg, model, size)
             path = cached(path.replace("-float32.onnx", "-int8.onnx"),
-                          lambda out: quantize_int8(path, out, images), f"int8 quantization ({size}, {len(images)} images)")
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+                          lambda out: quantize_int8(path, out, calibration_images(cfg, model, size)), f"int8 quantization ({label})")
+        session = loaded(path, lambda p: ort.InferenceSession(p, options, providers=["CPUExecutionProvider"]))
         return lambda image: session.run(None, {"image": image.cpu().numpy()})
 
-    logger.info(f"onnxruntime backend ({kind}), {options.intra_op_num_threads} threads")
+    logger.info(f"onnxruntime backend ({'int8' if cfg.TEST.BACKEND.INT8 else 'float32'}), {options.intra_op_num_threads} threads")
     return PerSizePrograms(model, load)
 
 
 # --------------------------------------------------------------------------------- int8
 
 
-def calibration_images(cfg, model: nn.Module, size: str) -> List[np.ndarray]:
+def calibration_images(cfg, model: nn.Module, size: Size) -> List[np.ndarray]:
     """``TEST.BACKEND.CALIBRATION_IMAGES`` images of ``DATASETS.TRAIN``, evenly spaced through
     it, as the test-time mapper reads and resizes them, padded (1, 3, H, W) float32 numpy; for a
     fixed-size program, those that fit its size, padded to it."""
@@ -264,28 +325,19 @@ def calibration_images(cfg, model: nn.Module, size: str) -> List[np.ndarray]:
     count = min(cfg.TEST.BACKEND.CALIBRATION_IMAGES, len(records))
     picked = [records[i] for i in np.linspace(0, len(records) - 1, count).round().astype(int)]
     mapper = DatasetMapper(cfg, is_train=False)
-    images = [padded_for_export(model, mapper(r)["image"].to(model.device, torch.float32)[None]) for r in picked]
-    if size != "dynamic":
-        images = [_padded_to(model, x, size) for x in images if _fits(x, size)]
+    images = [mapper(r)["image"].to(model.device, torch.float32)[None] for r in picked]  # (1, 3, H, W)
+    if size is not None:
+        images = [x for x in images if x.shape[-2] <= size[0] and x.shape[-1] <= size[1]]
         if not images:
-            raise ValueError(f"no image of DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)} fits the {size} int8 program")
-    return [x.cpu().numpy() for x in images]
-
-
-def _fits(image: Tensor, size: str) -> bool:
-    height, width = (int(s) for s in size.split("x"))
-    return image.shape[-2] <= height and image.shape[-1] <= width
-
-
-def _padded_to(model: nn.Module, image: Tensor, size: str) -> Tensor:
-    padded = example_image(model, size).clone()
-    padded[..., : image.shape[-2], : image.shape[-1]] = image
-    return padded
+            raise ValueError(f"no image of DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)} fits the {size_label(size)} int8 program")
+    logger.info(f"int8 calibration on {len(images)} images of DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)}")
+    return [padded_for_export(model, x, size).cpu().numpy() for x in images]
 
 
 def quantize_int8(source: str, path: str, images: Sequence[np.ndarray]) -> None:
-    """ONNX Runtime's static quantization of ``source`` into ``path``: QDQ nodes, weights int8
-    per output channel with a 7-bit range (``reduce_range``: without VNNI, AVX2's and AVX-512's
+    """ONNX Runtime's static quantization of ``source`` into ``path``: the convolutions (where the
+    time goes; GroupNorm and the rest stay float32), QDQ nodes, weights int8 per output channel
+    with a 7-bit range (``reduce_range``: without VNNI, AVX2's and AVX-512's
     u8 x s8 multiply-add saturates at full range), activations uint8 calibrated by their
     min-max over ``images``."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -302,7 +354,7 @@ def quantize_int8(source: str, path: str, images: Sequence[np.ndarray]) -> None:
     level = quant_logger.level
     quant_logger.setLevel(logging.ERROR)
     try:
-        quantize_static(source, path, Images(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(source, path, Images(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     finally:
         quant_logger.setLevel(level)

@@ -29,7 +29,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from detectron2.utils.logger import setup_logger
 
-from .backends import add_backend_argument, backend_opts, build_inference_model, check_backend_settings
+from .backends import add_backend_argument, backend_opts, build_inference_model
 from .checkpoint import AttributeState, RetinaFocalCheckpointer, RunFacts, load_inference_weights
 from .config import add_retina_focal_config
 from .data.mapper import build_train_mapper
@@ -434,7 +434,6 @@ def evaluate(cfg):
     """``--eval-only``: load ``MODEL.WEIGHTS`` (all of the model's tensors must be in it) and
     run the test sets through COCOEvaluator with the backend ``TEST.BACKEND.NAME``
     (retina_focal/backends.py), with ``TEST.AUG.ENABLED`` also with TTA."""
-    check_backend_settings(cfg)
     model = RetinaFocalTrainer.build_model(cfg)
     load_inference_weights(model, cfg.MODEL.WEIGHTS)
     model = build_inference_model(cfg, model.eval())

@@ -31,15 +31,18 @@ from torch import Tensor, nn
 
 __all__ = [
     "ONNX_OPSET",
+    "MAX_DYNAMIC_SIDE",
     "ExportableRetinaFocal",
     "export_dynamic_shapes",
     "export_onnx",
     "export_program",
+    "min_dynamic_side",
     "padded_for_export",
     "postprocess",
 ]
 
 ONNX_OPSET = 17  # tested with onnxruntime 1.32 (tests/test_export.py)
+MAX_DYNAMIC_SIDE = 4096  # the largest padded side of the dynamic-shape program
 
 
 class ExportableRetinaFocal(nn.Module):
@@ -77,15 +80,25 @@ class ExportableRetinaFocal(nn.Module):
         return ImageList(x, [tuple(x.shape[-2:])])
 
 
-def padded_for_export(model: nn.Module, image: Tensor) -> Tensor:
-    """``image`` (1, 3, H, W) padded at the bottom and right to multiples of the backbone's
-    size divisibility with the pixel mean (0 after normalization, as ``ImageList`` pads): the
-    input of the ``torch.export`` program."""
+def padded_for_export(model: nn.Module, image: Tensor, size: Optional[Tuple[int, int]] = None) -> Tensor:
+    """``image`` (1, 3, H, W) padded at the bottom and right with the pixel mean (0 after
+    normalization, as ``ImageList`` pads) to multiples of the backbone's size divisibility, or
+    to ``size`` (H', W') when given: the input of the ``torch.export`` program."""
     d = model.backbone.size_divisibility
     height, width = image.shape[-2:]
-    padded = model.pixel_mean.view(1, -1, 1, 1).expand(1, -1, -(-height // d) * d, -(-width // d) * d).clone()
+    padded_height, padded_width = size or (-(-height // d) * d, -(-width // d) * d)
+    padded = model.pixel_mean.view(1, -1, 1, 1).expand(1, -1, padded_height, padded_width).clone()
     padded[..., :height, :width] = image
     return padded
+
+
+def min_dynamic_side(model: nn.Module) -> int:
+    """The smallest padded side of the dynamic-shape program: twice the largest feature stride
+    (every level then has at least 2 cells; torch.export specializes a size-1 level into
+    another program), rounded up to the size divisibility (256 px for P7)."""
+    d = model.backbone.size_divisibility
+    largest_stride = max(model.backbone.output_shape()[f].stride for f in model.head_in_features)
+    return -(-2 * largest_stride // d) * d
 
 
 def postprocess(model: nn.Module, outputs: Sequence, input_size: Tuple[int, int], output_size: Tuple[int, int]) -> Instances:
@@ -109,21 +122,19 @@ def postprocess(model: nn.Module, outputs: Sequence, input_size: Tuple[int, int]
     return detector_postprocess(result, *output_size)
 
 
-def export_dynamic_shapes(exportable: ExportableRetinaFocal, example: Tensor, max_side: int = 4096) -> Optional[Dict]:
+def export_dynamic_shapes(exportable: ExportableRetinaFocal, example: Tensor) -> Optional[Dict]:
     """torch.export's ``dynamic_shapes`` for H and W: multiples of the backbone's size
-    divisibility d, from twice the largest feature stride (so that every level has at least
-    2 cells: torch.export specializes a size-1 level into another program) to ``max_side``.
-    None when the padded example is smaller: the program then serves the example's size only.
+    divisibility d, from :func:`min_dynamic_side` to :data:`MAX_DYNAMIC_SIDE`. None when the
+    padded example is outside: the program then serves the example's size only.
 
     Args:
         example (Tensor): (1, 3, H, W), padded (:func:`padded_for_export`).
     """
     model = exportable.model
     d = model.backbone.size_divisibility
-    largest_stride = max(model.backbone.output_shape()[f].stride for f in model.head_in_features)
-    if min(example.shape[-2:]) < 2 * largest_stride:
+    if not min_dynamic_side(model) <= min(example.shape[-2:]) <= max(example.shape[-2:]) <= MAX_DYNAMIC_SIDE:
         return None
-    low, high = -(-2 * largest_stride // d), max_side // d
+    low, high = min_dynamic_side(model) // d, MAX_DYNAMIC_SIDE // d
     return {"image": {2: d * torch.export.Dim("height", min=low, max=high), 3: d * torch.export.Dim("width", min=low, max=high)}}
 
 

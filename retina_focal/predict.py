@@ -459,7 +459,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         predictor = BatchPredictor(cfg)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: cannot run {args.config_file} with these weights: {e}", file=sys.stderr)
         return 2
     metadata = _metadata(cfg)

@@ -11,6 +11,7 @@ __all__ = [
     "build_detectron2_twin",
     "detection_rows",
     "make_detections_nontrivial",
+    "matched_results_share",
     "paired_detection_rows",
     "random_images",
     "synthetic_batch",
@@ -99,3 +100,21 @@ def paired_detection_rows(a: Instances, b: Instances) -> Tuple[torch.Tensor, tor
         if order[i] < 0 and not (order == j).any():
             order[i] = j
     return a_rows, b_rows[order]
+
+
+def matched_results_share(a: List[Dict], b: List[Dict], image_key: str, score_tol: float, box_tol: float) -> float:
+    """The share of COCO-format results ``a`` that ``b`` has too: same ``image_key`` value and
+    category, score within ``score_tol``, XYWH box within ``box_tol``. Robust to the order of
+    near-tied scores (which :func:`paired_detection_rows` handles for ``Instances``)."""
+    by_key: Dict[Tuple, List[Dict]] = {}
+    for r in b:
+        by_key.setdefault((r[image_key], r["category_id"]), []).append(r)
+
+    def found(r: Dict) -> bool:
+        return any(
+            abs(r["score"] - o["score"]) < score_tol and max(abs(x - y) for x, y in zip(r["bbox"], o["bbox"])) < box_tol
+            for o in by_key.get((r[image_key], r["category_id"]), [])
+        )
+
+    return sum(found(r) for r in a) / max(len(a), 1)
+

@@ -21,7 +21,7 @@ from retina_focal.checkpoint import RetinaFocalCheckpointer
 from retina_focal.data import register_builtin_shapes
 from retina_focal.export import ExportableRetinaFocal, padded_for_export
 from retina_focal.predict import main as predict_main
-from retina_focal.testing import make_detections_nontrivial, paired_detection_rows
+from retina_focal.testing import make_detections_nontrivial, matched_results_share, paired_detection_rows
 from tests.conftest import small_cfg
 from tools.export import main as export_main
 
@@ -106,6 +106,9 @@ def test_the_cache_key_follows_the_weights_and_the_config(eager):
     key = network_key(cfg, model)
     assert network_key(cfg.clone(), model) == key
     assert network_key(_with(cfg, "MODEL.RETINANET.NUM_CONVS", 2), model) != key
+    assert network_key(_with(cfg, "DATASETS.TRAIN", ("other",)), model) == key  # float32: no calibration
+    int8 = _with(cfg, "TEST.BACKEND.INT8", True)
+    assert network_key(_with(int8, "DATASETS.TRAIN", ("other",)), model) != network_key(int8, model) != key
     other = build_model(cfg).eval()
     other.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -165,10 +168,22 @@ def test_int8_is_quantized_from_the_training_images_and_stays_near_float32(int8)
     ops = {node.op_type for node in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    assert len(int8_weights) >= 20  # every conv's weight: ResNet-18 + FPN + head
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    assert len(int8_weights) >= 20 and all(node.input[1].endswith("_DequantizeLinear_Output") for node in convs)
     error = float((got - reference).abs().max() / reference.abs().max())
     print(f"\nint8 vs float32: max abs difference of logits and deltas / their max abs {error:.3g}")
     assert 0 < error < 0.1
+
+
+def test_a_second_int8_run_loads_without_calibrating(int8, caplog):
+    model, image, _, quantized, cache = int8
+    cfg = small_cfg(*OPTS, "INPUT.MIN_SIZE_TEST", 128, "INPUT.MAX_SIZE_TEST", 128, "TEST.BACKEND.NAME", "onnxruntime",
+                    "TEST.BACKEND.CACHE_DIR", cache, "DATASETS.TRAIN", ("retina_focal_shapes_tiny_train",),
+                    "TEST.BACKEND.CALIBRATION_IMAGES", 8, "TEST.BACKEND.INT8", True)
+    with caplog.at_level(logging.INFO, logger="retina_focal.backends"):
+        again = _network_outputs(model, build_inference_model(cfg, model).network, image)
+    assert not any("calibration" in m or "built in" in m for m in caplog.messages), caplog.messages
+    assert torch.equal(again, _network_outputs(model, quantized, image))
 
 
 @pytest.mark.parametrize(
@@ -181,6 +196,7 @@ def test_int8_is_quantized_from_the_training_images_and_stays_near_float32(int8)
          "TEST.BACKEND.CALIBRATION_IMAGES must be >= 1"),
         (["TEST.BACKEND.NAME", "onnxruntime", "TEST.BACKEND.INT8", True, "DATASETS.TRAIN", ()],
          "TEST.BACKEND.INT8 calibrates on the images of DATASETS.TRAIN, which is empty"),
+        (["TEST.BACKEND.NAME", "compiled", "MODEL.DEVICE", "cuda"], "TEST.BACKEND.NAME compiled runs on the CPU; with MODEL.DEVICE cuda use eager"),
     ],
 )
 def test_settings_that_fit_nothing_are_named(opts, message):
@@ -212,6 +228,12 @@ def _images(folder, count):
     return paths
 
 
+def _same_results(a, b) -> bool:
+    """Each result of one is the other's (file, class, score within 1e-4, box within 1e-3 px)."""
+    return matched_results_share(a, b, "file_name", SCORE_TOLERANCE, BOX_TOLERANCE) == 1.0 == \
+        matched_results_share(b, a, "file_name", SCORE_TOLERANCE, BOX_TOLERANCE)
+
+
 def _predict(config, weights, images, out, *extra):
     assert predict_main(["--config-file", config, "--input", images, "--output", str(out), "--confidence", "0.0",
                          *extra, "MODEL.WEIGHTS", weights]) == 0
@@ -223,10 +245,7 @@ def test_predict_with_backend_writes_the_eager_results(saved):
     config, weights, images, root = saved
     eager, got = _predict(config, weights, images, root / "eager"), _predict(config, weights, images, root / "ort", "--backend", "onnxruntime")
     assert len(got) == len(eager) == 3 * 30
-    for a, b in zip(eager, got):
-        assert (a["file_name"], a["category_id"]) == (b["file_name"], b["category_id"])
-        assert abs(a["score"] - b["score"]) < SCORE_TOLERANCE
-        assert max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) < BOX_TOLERANCE
+    assert _same_results(eager, got)
     assert any(f.endswith("-128x128-float32.onnx") for f in os.listdir(root / "run" / "inference_backend"))
 
 
@@ -240,7 +259,7 @@ def test_export_backend_builds_what_predict_then_loads(saved, capsys):
     modified = {f: os.path.getmtime(out / f) for f in built}
     expected = _predict(config, weights, images, root / "eager_again")
     got = _predict(str(out / "config.yaml"), weights, images, root / "deployed")
-    assert [(r["category_id"], round(r["score"], 3)) for r in got] == [(r["category_id"], round(r["score"], 3)) for r in expected]
+    assert len(got) == len(expected) and _same_results(expected, got)
     assert sorted(os.listdir(out)) == built and all(os.path.getmtime(out / f) == t for f, t in modified.items())
     assert export_main(["--backend", "eager", "--config-file", config, "--output", str(root / "e"), "MODEL.WEIGHTS", weights]) == 2
     assert "--backend eager has nothing to build" in capsys.readouterr().err

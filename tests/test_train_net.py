@@ -1,7 +1,6 @@
 """train_net.py end to end on the tiny shapes set: 1 process, --eval-only, 2 CPU processes."""
 import json
 import math
-from collections import Counter
 import os
 import socket
 import subprocess
@@ -10,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from retina_focal.testing import matched_results_share
 from tests.conftest import REPO
 
 CONFIG = os.path.join(REPO, "configs", "Shapes-Detection", "retina_focal_R_18_FPN_demo.yaml")
@@ -85,7 +85,8 @@ def _coco_results(out_dir):
 
 def test_eval_only_with_a_backend_gives_the_eager_detections(trained, tmp_path):
     """--backend onnxruntime (TEST.BACKEND.NAME): the detections COCOEvaluator scores are the
-    eager model's (threshold 0: 100 per image, so there is something to compare)."""
+    eager model's, scores within 1e-4 and boxes within 1e-3 px (threshold 0: 100 per image, so
+    there is something to compare)."""
     out, _ = trained
     args = ["--eval-only", "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"] + TINY
     _run(args + ["OUTPUT_DIR", str(tmp_path / "eager")])
@@ -93,9 +94,9 @@ def test_eval_only_with_a_backend_gives_the_eager_detections(trained, tmp_path):
     assert "onnxruntime backend (float32)" in log
     eager, ort = _coco_results(str(tmp_path / "eager")), _coco_results(str(tmp_path / "ort"))
     assert len(ort) == len(eager) == 16 * 100
-    assert max(abs(a["score"] - b["score"]) for a, b in zip(eager, ort)) < 1e-4  # sorted per image
-    per_image = [Counter((r["image_id"], r["category_id"]) for r in results) for results in (eager, ort)]
-    assert per_image[0] == per_image[1]
+    # every detection of one is the other's (a near tie at the 100th may swap one pair)
+    assert matched_results_share(ort, eager, "image_id", 1e-4, 1e-3) >= 0.99
+    assert matched_results_share(eager, ort, "image_id", 1e-4, 1e-3) >= 0.99
 
 
 ITERS_LOGGED = ["SOLVER.MAX_ITER", "3", "SOLVER.LOG_PERIOD", "1", "SEED", "3"]

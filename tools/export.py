@@ -60,8 +60,10 @@ def _build_backend(cfg, model, sample, output: str) -> int:
     build_inference_model(cfg, model).network(padded_for_export(model, sample))
     with open(os.path.join(output, "config.yaml"), "w") as f:
         f.write(cfg.dump())
+    built = sorted(f for f in os.listdir(output) if f != "config.yaml" and not f.startswith("."))
     print(f"built the {cfg.TEST.BACKEND.NAME} backend{' (int8)' if cfg.TEST.BACKEND.INT8 else ''} in {output}: "
-          f"{', '.join(sorted(f for f in os.listdir(output) if f != 'config.yaml'))}; config: {output}/config.yaml")
+          f"{', '.join(built)}; config: {output}/config.yaml (TEST.BACKEND.CACHE_DIR names this folder: "
+          "after moving it, set the key to the new place)")
     return 0
 
 
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.backend:
+    if args.backend:  # errors while building name the backend and the file (retina_focal/backends.py)
         return _build_backend(cfg, model, sample, args.output)
     file_name, export = EXPORTERS[args.format]
     exportable = ExportableRetinaFocal(model)
