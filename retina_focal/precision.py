@@ -39,8 +39,9 @@ logger = logging.getLogger(__name__)
 PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # /proc/cpuinfo flags that decide how fast low-precision convolutions run on a CPU: without
 # avx512_bf16 or amx_bf16, oneDNN emulates bfloat16 (seen here on an AVX2-only EPYC: a 3x3
-# conv 50x slower than float32); with AMX a bf16 R-50 training step is 3-4x faster.
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_fp16", "amx_int8")
+# conv 50x slower than float32); with AMX a bf16 R-50 training step is 3-4x faster. int8
+# convolutions need VNNI (avx_vnni, avx512_vnni) or AMX-INT8 to run much faster than float32.
+CPU_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_fp16", "amx_int8")
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

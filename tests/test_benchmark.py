@@ -15,7 +15,7 @@ def rows(tmp_path_factory):
     text = benchmark.main([
         "--device", "cpu", "--threads", "1", "--rounds", "1", "--scaling-rounds", "1", "--train-size", "64",
         "--train-batch", "1", "--sizes", "64", "--batches", "1", "--loss-anchors", "3000",
-        "--amp", "on", "--output-dir", str(out), *TINY,
+        "--backend-sizes", "128", "--calibration-images", "4", "--amp", "on", "--output-dir", str(out), *TINY,
     ])
     assert "| section | case |" in text and (out / "results.md").read_text() == text
     assert "avx512_bf16" in text and "amx_bf16" in text and "torch CPU capability" in text  # the CPU's flags
@@ -34,6 +34,9 @@ def test_every_section_races_both_implementations(rows):
     amp, ema = {benchmark.OURS_AMP}, {benchmark.OURS_EMA}  # + the opt-in mixed precision, end to end; + the EMA update
     assert {r["implementation"] for r in _rows(rows, "train")} == both | amp | ema
     assert {r["implementation"] for r in _rows(rows, "inference")} == both | amp
+    backends = {f"{benchmark.OURS} {b}" for b in ("eager", "compiled", "onnxruntime", "onnxruntime int8")}
+    backends |= {f"{benchmark.OURS} {b} bfloat16" for b in ("eager", "compiled")}
+    assert {r["implementation"] for r in _rows(rows, "backends")} == {benchmark.THEIRS} | backends
     cases = {r["case"] for r in _rows(rows, "inference")}
     assert {c.split(",")[0] for c in cases} == {"end to end", "backbone + FPN", "head", "post-processing"}
     for r in rows:
@@ -55,6 +58,12 @@ def test_inference_gives_the_same_detections(rows):
         r for r in _rows(rows, "inference") if r["case"].startswith("end to end") and r["implementation"] == benchmark.OURS
     ]
     assert "same classes" in end_to_end["note"] and not end_to_end["note"].startswith("0 detections")
+
+
+def test_float32_backends_give_detectron2s_detections(rows):
+    for r in _rows(rows, "backends"):
+        if r["implementation"].split()[-1] in ("eager", "compiled", "onnxruntime"):
+            assert "same classes" in r["note"] and "first call" in r["note"] and not r["note"].startswith("0 detections"), r
 
 
 def test_memory_rows_have_peaks(rows):

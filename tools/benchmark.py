@@ -17,6 +17,14 @@ alternate within each round, so machine noise hits both):
 * ``inference``: batch 1 at 512x512, end to end and split into backbone + FPN, head and
   post-processing (anchors, decode, top-k, NMS, rescaling); also checks that both return
   the same detections (and how far the mixed-precision model's are, ``TEST.AMP.ENABLED``);
+* ``backends``: the inference backends (``TEST.BACKEND``, retina_focal/backends.py) at batch 1
+  and each of ``--backend-sizes``: eager, compiled (AOTInductor) and ONNX Runtime in float32,
+  ONNX Runtime int8 (calibrated on ``--calibration-images`` noise images like the inputs;
+  its accuracy is measured on real images by tools/compare_backends.py) and, on a CPU with bfloat16 kernels (or
+  ``--amp on``), eager and compiled under ``TEST.AMP``; detectron2's float32 RetinaNet is the
+  reference, called as ``DefaultPredictor`` calls it. Building the compiled and ONNX programs
+  happens once (cached in ``--output-dir``/backend_cache; the time is in the notes) and is not
+  in the medians;
 * ``memory``: peak memory of a training step above the memory held before it (resident set
   size of a fresh process per implementation, large allocations returned to the system);
 * ``scaling``: training step time and peak memory for each image size x batch size.
@@ -38,9 +46,11 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
+import cv2
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.modeling import build_model, detector_postprocess  # noqa: E402
 from detectron2.structures import Boxes, pairwise_iou  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
@@ -48,6 +58,7 @@ from fvcore.nn import sigmoid_focal_loss_jit  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torchvision.ops import sigmoid_focal_loss as torchvision_focal_loss  # noqa: E402
 
+from retina_focal.backends import build_inference_model  # noqa: E402
 from retina_focal.ema import ModelEMA  # noqa: E402
 from retina_focal.engine import load_config  # noqa: E402
 from retina_focal.losses import FocalLoss, sigmoid_focal_loss  # noqa: E402
@@ -56,11 +67,12 @@ from retina_focal.testing import (  # noqa: E402
     build_detectron2_twin,
     paired_detection_rows,
     make_detections_nontrivial,
+    random_images,
     synthetic_batch,
 )
 
 DEFAULT_CONFIG = "configs/COCO-Detection/retina_focal_R_50_FPN_1x.yaml"
-SECTIONS = ("loss", "train", "inference", "memory", "scaling")
+SECTIONS = ("loss", "train", "inference", "backends", "memory", "scaling")
 OURS, THEIRS, OURS_AMP = "RetinaFocal", "detectron2 RetinaNet", "RetinaFocal AMP (opt-in)"
 OURS_EMA = "RetinaFocal + MODEL_EMA"
 
@@ -78,6 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[384, 512, 640, 800])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--loss-anchors", type=int, default=120_000)
+    p.add_argument("--backend-sizes", type=int, nargs="+", default=[512, 800], help="image sides of the backends section")
+    p.add_argument("--calibration-images", type=int, default=32, help="int8 calibration images of the backends section")
     p.add_argument("--output-dir", default="output/benchmark")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of one "
                    "training step and one inference of each implementation")
@@ -317,6 +331,68 @@ def bench_inference(args, report: Report, device: torch.device) -> None:
         {name: (lambda s=s: post(*s)) for name, s in stages.items()}, args.rounds, device), reference=THEIRS)
 
 
+def register_noise_images(folder: str, count: int, size: int) -> str:
+    """Register ``count`` uniform-noise PNGs of ``size`` px (the distribution of the section's
+    inputs) as a dataset without boxes, named by size (the int8 cache key holds the name): the
+    int8 calibration set; returns its name."""
+    name = f"retina_focal_benchmark_noise_{size}px"
+    os.makedirs(folder, exist_ok=True)
+    records = []
+    for i, image in enumerate(random_images([(size, size)] * count, seed=2)):
+        path = os.path.join(folder, f"noise_{size}px_{i}.png")
+        cv2.imwrite(path, image.permute(1, 2, 0).numpy().astype("uint8"))
+        records.append({"file_name": path, "height": size, "width": size, "image_id": i, "annotations": []})
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: records)
+    return name
+
+
+def backend_models(args, cfg, model) -> Dict[str, Callable]:
+    """{row name: inference model} of every backend and precision the section races, all with
+    ``model``'s weights (their programs are built at the first call of each size)."""
+    side = max(args.backend_sizes)
+    calibration = register_noise_images(os.path.join(args.output_dir, "calibration"), args.calibration_images, side)
+    base = ["TEST.BACKEND.CACHE_DIR", os.path.join(args.output_dir, "backend_cache"),
+            "DATASETS.TRAIN", (calibration,), "TEST.BACKEND.CALIBRATION_IMAGES", args.calibration_images,
+            "INPUT.MIN_SIZE_TEST", side, "INPUT.MAX_SIZE_TEST", side]  # the calibration images' size (the inputs come resized)
+    variants = {"eager": [], "compiled": ["TEST.BACKEND.NAME", "compiled"], "onnxruntime": ["TEST.BACKEND.NAME", "onnxruntime"],
+                "onnxruntime int8": ["TEST.BACKEND.NAME", "onnxruntime", "TEST.BACKEND.INT8", True]}
+    precision = amp_precision(args)
+    if precision is not None:
+        amp = ["TEST.AMP.ENABLED", True, "TEST.AMP.PRECISION", str(precision).split(".")[-1]]
+        variants.update({"eager " + amp[-1]: amp, "compiled " + amp[-1]: ["TEST.BACKEND.NAME", "compiled", *amp]})
+    models = {}
+    for name, opts in variants.items():
+        variant_cfg = cfg.clone()
+        variant_cfg.merge_from_list(base + opts)
+        variant = build_model(variant_cfg).eval()
+        variant.load_state_dict(model.state_dict())
+        models[f"{OURS} {name}"] = build_inference_model(variant_cfg, variant)
+    return models
+
+
+@torch.no_grad()
+def bench_backends(args, report: Report, device: torch.device) -> None:
+    cfg, pair = build_pair(args)
+    theirs = pair[THEIRS].eval()
+    make_detections_nontrivial(theirs, [{"image": x["image"]} for x in synthetic_batch(1, 512, 1, seed=1)])
+    models = {THEIRS: theirs, **backend_models(args, cfg, theirs)}
+    for size in args.backend_sizes:
+        inputs = [{"image": x["image"]} for x in synthetic_batch(1, size, 1, seed=1)]
+        reference = theirs(inputs)
+        notes, built = {}, {}
+        for name, model in models.items():
+            start = time.perf_counter()
+            detections = model(inputs)  # builds (or loads) the programs of this size
+            built[name] = time.perf_counter() - start
+            if name != THEIRS:
+                notes[name] = f"{_same_detections(detections, reference)}; first call {built[name]:.1f} s"
+                print(f"[backends] {size}px {name}: {notes[name]}", flush=True)
+        times = race({name: (lambda m=m: m(inputs)) for name, m in models.items()}, args.rounds, device)
+        report.add_times("backends", f"end to end, batch 1 @ {size}px", times, reference=THEIRS, notes=notes)
+
+
 def _status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
@@ -409,6 +485,8 @@ def run(args, argv) -> str:
         bench_scaling(args, report, device)
     if "inference" in args.sections:
         bench_inference(args, report, device)
+    if "backends" in args.sections:
+        bench_backends(args, report, device)
     return report.write(args.output_dir, header)
 
 
