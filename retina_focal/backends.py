@@ -40,13 +40,13 @@ from detectron2.utils.registry import Registry
 from torch import Tensor, nn
 
 from .export import (
-    MAX_DYNAMIC_SIDE,
     ExportableRetinaFocal,
     export_dynamic_shapes,
     export_onnx,
     min_dynamic_side,
     padded_for_export,
     postprocess,
+    serves_dynamic_shapes,
 )
 
 __all__ = [
@@ -236,8 +236,7 @@ def program_size(model: nn.Module, image: Tensor) -> Size:
     """The program that serves the padded ``image`` (1, 3, H, W): the dynamic-shape one (None)
     when both sides are in its range, else one of its own size (H, W)."""
     height, width = image.shape[-2:]
-    low, high = min_dynamic_side(model), MAX_DYNAMIC_SIDE
-    return None if low <= min(height, width) and max(height, width) <= high else (int(height), int(width))
+    return None if serves_dynamic_shapes(model, height, width) else (int(height), int(width))
 
 
 def size_label(size: Size) -> str:

@@ -39,6 +39,7 @@ __all__ = [
     "min_dynamic_side",
     "padded_for_export",
     "postprocess",
+    "serves_dynamic_shapes",
 ]
 
 ONNX_OPSET = 17  # tested with onnxruntime 1.32 (tests/test_export.py)
@@ -101,6 +102,12 @@ def min_dynamic_side(model: nn.Module) -> int:
     return -(-2 * largest_stride // d) * d
 
 
+def serves_dynamic_shapes(model: nn.Module, height: int, width: int) -> bool:
+    """Whether the dynamic-shape program serves a padded (H, W): both sides from
+    :func:`min_dynamic_side` to :data:`MAX_DYNAMIC_SIDE`."""
+    return min_dynamic_side(model) <= min(height, width) and max(height, width) <= MAX_DYNAMIC_SIDE
+
+
 def postprocess(model: nn.Module, outputs: Sequence, input_size: Tuple[int, int], output_size: Tuple[int, int]) -> Instances:
     """The Python step after the exported graph: the model's own §4.1 inference (threshold,
     top-k, decode, class-wise NMS, top 100) and rescaling to the original image.
@@ -124,15 +131,15 @@ def postprocess(model: nn.Module, outputs: Sequence, input_size: Tuple[int, int]
 
 def export_dynamic_shapes(exportable: ExportableRetinaFocal, example: Tensor) -> Optional[Dict]:
     """torch.export's ``dynamic_shapes`` for H and W: multiples of the backbone's size
-    divisibility d, from :func:`min_dynamic_side` to :data:`MAX_DYNAMIC_SIDE`. None when the
-    padded example is outside: the program then serves the example's size only.
+    divisibility d, the range of :func:`serves_dynamic_shapes`. None when the padded example is
+    outside: the program then serves the example's size only.
 
     Args:
         example (Tensor): (1, 3, H, W), padded (:func:`padded_for_export`).
     """
     model = exportable.model
     d = model.backbone.size_divisibility
-    if not min_dynamic_side(model) <= min(example.shape[-2:]) <= max(example.shape[-2:]) <= MAX_DYNAMIC_SIDE:
+    if not serves_dynamic_shapes(model, *example.shape[-2:]):
         return None
     low, high = min_dynamic_side(model) // d, MAX_DYNAMIC_SIDE // d
     return {"image": {2: d * torch.export.Dim("height", min=low, max=high), 3: d * torch.export.Dim("width", min=low, max=high)}}

@@ -117,4 +117,3 @@ def matched_results_share(a: List[Dict], b: List[Dict], image_key: str, score_to
         )
 
     return sum(found(r) for r in a) / max(len(a), 1)
-

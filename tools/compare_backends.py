@@ -72,7 +72,8 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--output-dir", default="output/compare_backends")
-    parser.add_argument("--backends", nargs="+", choices=sorted(BACKENDS), default=DEFAULT_BACKENDS)
+    parser.add_argument("--backends", nargs="+", choices=sorted(BACKENDS), default=DEFAULT_BACKENDS,
+                        help="rows to run (give another option after the list: the config KEY VALUE pairs come last)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs, e.g. MODEL.WEIGHTS w.pth")
     args = parser.parse_args(argv)
     rows = {}

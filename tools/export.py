@@ -4,7 +4,7 @@
     python tools/export.py --format pt2 --config-file C.yaml --output out/export \\
         MODEL.WEIGHTS model_final.pth [KEY VALUE ...]
 
-    python tools/export.py --backend onnxruntime-int8 --config-file C.yaml --output out/deploy \
+    python tools/export.py --backend onnxruntime-int8 --config-file C.yaml --output out/deploy \\
         MODEL.WEIGHTS model_final.pth
 
 Writes ``OUTPUT/model.pt2`` (an ``ExportedProgram``: ``torch.export.load``) or
