@@ -2,11 +2,12 @@ import hashlib
 import json
 import os
 
+import cv2
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from pycocotools.coco import COCO
 
-from retina_focal.data import SHAPE_CLASSES, register_shapes
+from retina_focal.data import IMBALANCE_LEVELS, SHAPE_CLASSES, register_builtin_shapes, register_imbalance_level, register_shapes
 from retina_focal.data.shapes import ShapesSplit, generate_split
 
 
@@ -57,3 +58,36 @@ def test_register_twice_is_harmless_and_loads(tmp_path):
     assert meta.thing_classes == list(SHAPE_CLASSES) and os.path.exists(meta.json_file)
     with open(meta.json_file) as f:
         assert len(json.load(f)["images"]) == 4
+
+
+def test_added_empty_images_follow_the_same_images_pixel_for_pixel(tmp_path):
+    """An imbalance level: the base split unchanged, then images of background and clutter only."""
+    base_json, base = generate_split(ShapesSplit("train", num_images=5), str(tmp_path))
+    level_json, level = generate_split(ShapesSplit("train", num_images=5, num_added_empty=4), str(tmp_path))
+    assert base != level
+    for i in range(5):
+        name = f"{i:06d}.png"
+        assert open(os.path.join(base, name), "rb").read() == open(os.path.join(level, name), "rb").read()
+    base_coco, level_coco = COCO(base_json), COCO(level_json)
+    assert len(level_coco.getImgIds()) == 9
+    assert level_coco.dataset["annotations"] == base_coco.dataset["annotations"]  # none on images 6-9
+    added = [cv2.imread(os.path.join(level, f"{i:06d}.png")) for i in range(5, 9)]
+    assert all(img.shape == (128, 128, 3) and img.std() > 5 for img in added)  # textured, not blank
+    assert len({img.tobytes() for img in added}) == 4
+
+
+def test_imbalance_levels_register_lazily_with_the_demo_validation_set(tmp_path):
+    try:
+        _check_imbalance_levels(str(tmp_path))
+    finally:
+        register_builtin_shapes()  # the names again under the default root, for later tests
+
+
+def _check_imbalance_levels(root):
+    names = [register_imbalance_level(level, root) for level in IMBALANCE_LEVELS]
+    assert names == [f"retina_focal_shapes_{lv}_train" for lv in ("x1", "x4", "x10", "x22")]
+    folders = {MetadataCatalog.get(n).image_root for n in names}
+    assert len(folders) == 4 and not any(os.path.exists(f) for f in folders)  # nothing written yet
+    demo = os.path.join(root, "retina_focal_shapes", ShapesSplit("train", 2000).folder_name())
+    assert MetadataCatalog.get("retina_focal_shapes_x1_train").image_root == demo  # x1 is the demo's set
+    assert MetadataCatalog.get(names[-1]).thing_classes == list(SHAPE_CLASSES)

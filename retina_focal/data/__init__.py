@@ -16,7 +16,7 @@ from .formats import (
     register_dataset,
     resolve_num_classes,
 )
-from .shapes import SHAPE_CLASSES, register_builtin_shapes, register_shapes
+from .shapes import IMBALANCE_LEVELS, SHAPE_CLASSES, register_builtin_shapes, register_imbalance_level, register_shapes
 from .train_stream import ResumableTrainLoader, build_resumable_train_loader
 
 __all__ = [
@@ -31,10 +31,12 @@ __all__ = [
     "coco_json_for_evaluation",
     "dataset_folder_name",
     "drop_unusable_images",
+    "IMBALANCE_LEVELS",
     "image_check_args",
     "register_builtin_shapes",
     "register_config_datasets",
     "register_dataset",
+    "register_imbalance_level",
     "register_shapes",
     "resolve_num_classes",
 ]

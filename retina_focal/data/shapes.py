@@ -7,6 +7,11 @@ varied aspect ratios, partial overlaps, line/blob clutter that is not an object,
 textured backgrounds; a few images hold no object. Image ``i`` of a split depends only on
 (seed, split, i), so every machine generates the same files.
 
+The imbalance family (:data:`IMBALANCE_LEVELS`) raises the number of background anchors per
+foreground anchor and nothing else: each level's training split is the demo's 2,000 images,
+pixel for pixel, followed by images of background and clutter only, so a batch holds the
+same objects among more negatives (docs/ablations_shapes.md).
+
 Images are written once, as PNG, with a COCO-format JSON beside them, under
 ``<root>/retina_focal_shapes/<split>_<params>/`` where root is ``$RETINA_FOCAL_DATASETS``,
 else ``$DETECTRON2_DATASETS``, else ``datasets/`` in the current directory.
@@ -26,6 +31,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 __all__ = [
+    "IMBALANCE_LEVELS",
     "SHAPE_CLASSES",
     "ShapesSplit",
     "default_root",
@@ -38,6 +44,11 @@ logger = logging.getLogger(__name__)
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring")
 _GENERATOR_VERSION = 2  # bump when drawing changes, so caches are rebuilt
+DEMO_NUM_TRAIN, DEMO_NUM_VAL = 2000, 200
+# level name -> training images per demo training image; the extra ones hold no object.
+# At 128 px (3,069 anchors, ~21 foreground per demo image) ×1 is ~1:150 negatives per
+# positive, ×22 ~1:3,300, the paper's COCO regime (~100k anchors per image, §1).
+IMBALANCE_LEVELS = {"x1": 1, "x4": 4, "x10": 10, "x22": 22}
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,7 @@ class ShapesSplit:
     max_objects: int = 6
     min_size: int = 8
     empty_fraction: float = 0.05
+    num_added_empty: int = 0  # images of background and clutter only, after the num_images
 
     def folder_name(self) -> str:
         digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
@@ -132,7 +144,8 @@ def render_image(spec: ShapesSplit, index: int) -> Tuple[np.ndarray, List[Dict]]
     rng = np.random.default_rng([spec.seed, split_id, index])
     img = _background(rng, spec.image_size)
     _clutter(rng, img)
-    num = 0 if rng.random() < spec.empty_fraction else int(rng.integers(1, spec.max_objects + 1))
+    added_empty = index >= spec.num_images
+    num = 0 if added_empty or rng.random() < spec.empty_fraction else int(rng.integers(1, spec.max_objects + 1))
     boxes: List[np.ndarray] = []
     for _ in range(num):
         for _attempt in range(10):  # partial overlaps allowed, heavy occlusion not
@@ -160,9 +173,10 @@ def generate_split(spec: ShapesSplit, root: str) -> Tuple[str, str]:
         return json_file, folder
     os.makedirs(base, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{spec.folder_name()}.", dir=base)
-    logger.info(f"Generating {spec.num_images} '{spec.split}' shapes images in {folder} ...")
+    total = spec.num_images + spec.num_added_empty
+    logger.info(f"Generating {total} '{spec.split}' shapes images in {folder} ...")
     images, annotations = [], []
-    for i in range(spec.num_images):
+    for i in range(total):
         img, anns = render_image(spec, i)
         file_name = f"{i:06d}.png"
         cv2.imwrite(os.path.join(tmp, file_name), img)
@@ -192,8 +206,8 @@ def generate_split(spec: ShapesSplit, root: str) -> Tuple[str, str]:
 
 def register_shapes(
     root: str = None,
-    num_train: int = 2000,
-    num_val: int = 200,
+    num_train: int = DEMO_NUM_TRAIN,
+    num_val: int = DEMO_NUM_VAL,
     image_size: int = 128,
     seed: int = 0,
     prefix: str = "retina_focal_shapes",
@@ -205,32 +219,42 @@ def register_shapes(
     Returns:
         list[str]: the registered dataset names.
     """
-    root = root or default_root()
-    names = []
-    for split, num in (("train", num_train), ("val", num_val)):
-        spec = ShapesSplit(split=split, num_images=num, image_size=image_size, seed=seed)
-        name = f"{prefix}_{split}"
-        folder = os.path.join(root, "retina_focal_shapes", spec.folder_name())
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda spec=spec, name=name: _load(spec, root, name))
-        MetadataCatalog.get(name).set(
-            thing_classes=list(SHAPE_CLASSES),
-            json_file=os.path.join(folder, "annotations.json"),
-            image_root=folder,
-            evaluator_type="coco",
-        )
-        names.append(name)
-    return names
+    return [
+        _register_split(f"{prefix}_{split}", ShapesSplit(split, num, image_size, seed), root or default_root())
+        for split, num in (("train", num_train), ("val", num_val))
+    ]
+
+
+def register_imbalance_level(level: str, root: str = None) -> str:
+    """Register ``retina_focal_shapes_<level>_train`` for a level of :data:`IMBALANCE_LEVELS`:
+    the demo's training images and (multiple − 1) × as many images without objects. Its
+    validation set is the demo's, ``retina_focal_shapes_val``."""
+    extra = (IMBALANCE_LEVELS[level] - 1) * DEMO_NUM_TRAIN
+    spec = ShapesSplit("train", DEMO_NUM_TRAIN, num_added_empty=extra)
+    return _register_split(f"retina_focal_shapes_{level}_train", spec, root or default_root())
 
 
 def register_builtin_shapes(root: str = None) -> List[str]:
-    """Register the demo pair ``retina_focal_shapes_{train,val}`` (2000/200 images) and the
-    ``retina_focal_shapes_tiny_{train,val}`` pair (48/16 images) used by tests and smoke runs."""
-    return register_shapes(root) + register_shapes(
-        root, num_train=48, num_val=16, prefix="retina_focal_shapes_tiny"
+    """Register the demo pair ``retina_focal_shapes_{train,val}`` (2000/200 images), the
+    ``retina_focal_shapes_tiny_{train,val}`` pair (48/16 images) used by tests and smoke runs,
+    and the training sets of the imbalance levels, ``retina_focal_shapes_x{1,4,10,22}_train``."""
+    names = register_shapes(root) + register_shapes(root, num_train=48, num_val=16, prefix="retina_focal_shapes_tiny")
+    return names + [register_imbalance_level(level, root) for level in IMBALANCE_LEVELS]
+
+
+def _register_split(name: str, spec: ShapesSplit, root: str) -> str:
+    folder = os.path.join(root, "retina_focal_shapes", spec.folder_name())
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: _load(spec, root, name))
+    MetadataCatalog.get(name).set(
+        thing_classes=list(SHAPE_CLASSES),
+        json_file=os.path.join(folder, "annotations.json"),
+        image_root=folder,
+        evaluator_type="coco",
     )
+    return name
 
 
 def _load(spec: ShapesSplit, root: str, name: str) -> List[Dict]:
