@@ -71,6 +71,27 @@ def test_metrics_exist_after_a_step_and_match_an_independent_count():
     assert metrics["assign/matched_gt_best_iou"] == pytest.approx(best.mean().item(), rel=1e-6)
 
 
+def test_anchor_counts_add_up_and_are_written_unsmoothed():
+    """all = fg + bg + ignored per image; the three are single-batch values in metrics.json."""
+    cfg = small_cfg()
+    model = build_model(cfg)
+    boxes = [[[10, 12, 60, 70], [70, 20, 120, 50]], []]
+    with EventStorage(0) as storage:
+        assignment = model.label_anchors(_reference_anchors(cfg), [b["instances"] for b in _batch(boxes)])
+        model(_batch(boxes))
+        hints = storage.smoothing_hints()
+        metrics = {k: v for k, (v, _) in storage.latest().items()}
+    labels = assignment.labels  # (N, R)
+    assert metrics["assign/anchors_per_image"] == labels.shape[1] == 3069
+    assert metrics["assign/fg_anchors_per_image/all"] == assignment.foreground.sum().item() / 2
+    assert metrics["assign/bg_anchors_per_image"] == (labels == cfg.MODEL.RETINANET.NUM_CLASSES).sum().item() / 2
+    ignored = (labels == -1).sum().item() / 2
+    total = metrics["assign/fg_anchors_per_image/all"] + metrics["assign/bg_anchors_per_image"] + ignored
+    assert total == 3069 and ignored > 0
+    names = ("assign/anchors_per_image", "assign/fg_anchors_per_image/all", "assign/bg_anchors_per_image")
+    assert not any(hints[n] for n in names) and hints["assign/fg_anchors_per_image/p3"]
+
+
 def test_image_without_boxes_logs_levels_only():
     model = build_model(small_cfg())
     _, metrics = _train_step(model, _batch([[]]))

@@ -6,6 +6,12 @@ matcher's IoU matrix: no second IoU pass); :func:`log_assignment_metrics` writes
 detectron2's EventStorage (so to ``metrics.json`` and TensorBoard):
 
 * ``assign/fg_anchors_per_image/<level>``: foreground anchors per image on each FPN level;
+* ``assign/anchors_per_image``, ``assign/fg_anchors_per_image/all`` and
+  ``assign/bg_anchors_per_image``: all, foreground and background anchors per image of the
+  batch (ignored anchors are neither). Their ratio over a run, mean background / mean
+  foreground, is the imbalance of §3 (the paper's §1: ~1:1000 on COCO). Written without
+  smoothing, so each ``metrics.json`` row holds one batch's value and a mean over rows is
+  unbiased (a median of a sparse dataset's foreground counts would be near zero);
 * ``assign/gt_with_fg_anchor``: share of ground-truth boxes with at least one foreground
   anchor (by the IoU rule or by the low-quality rescue);
 * ``assign/gt_best_iou_above_fg``: share of boxes whose best anchor reaches the foreground
@@ -52,13 +58,23 @@ def log_assignment_metrics(
     fg_mask, best_iou = assignment.foreground, assignment.gt_best_iou
     per_level = torch.stack([m.sum() for m in fg_mask.split(list(level_sizes), dim=1)]).float()  # (L,)
     matched = assignment.gt_num_foreground > 0  # (B,)
-    counts = torch.stack([matched.sum(), (best_iou >= fg_iou).sum()]).float()  # (2,)
+    num_bg = (assignment.labels == assignment.num_classes).sum()
+    counts = torch.stack([matched.sum(), (best_iou >= fg_iou).sum(), num_bg]).float()  # (3,)
     matched_iou = (best_iou * matched).sum()
     values = torch.cat([per_level / fg_mask.shape[0], counts, matched_iou[None]]).tolist()
     num_boxes = len(best_iou)
-    num_matched, num_above = values[len(level_names)], values[len(level_names) + 1]
+    num_matched, num_above, num_bg = values[len(level_names) : len(level_names) + 3]
+    num_images, num_anchors = fg_mask.shape
     storage.put_scalars(
         **{f"assign/fg_anchors_per_image/{name}": v for name, v in zip(level_names, values)}
+    )
+    storage.put_scalars(
+        smoothing_hint=False,
+        **{
+            "assign/anchors_per_image": num_anchors,
+            "assign/fg_anchors_per_image/all": sum(values[: len(level_names)]),
+            "assign/bg_anchors_per_image": num_bg / num_images,
+        },
     )
     if num_boxes:  # images without boxes say nothing about coverage
         storage.put_scalars(
