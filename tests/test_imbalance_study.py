@@ -1,0 +1,59 @@
+"""tools/imbalance_study.py: its cells, the configs they train and the report of finished runs."""
+import json
+import os
+
+import pytest
+
+from retina_focal.data import IMBALANCE_LEVELS, register_builtin_shapes
+from tools import imbalance_study as study
+from tools import sweep
+
+
+def test_cells_run_whole_seeds_first_then_ce_alphas_at_the_extremes():
+    todo = study.cells([1, 2], [1])
+    main = 2 * len(IMBALANCE_LEVELS) * 2
+    assert len(todo) == main + 4 and len(set(todo)) == len(todo)
+    assert {seed for _, _, seed in todo[: main // 2]} == {1}  # seed 1 everywhere before seed 2
+    assert {(lv, c) for lv, c, _ in todo[main:]} == {
+        (lv, c) for lv in ("x1", "x22") for c in ("table1a_ce_alpha_50", "table1a_ce_alpha_90")
+    }
+
+
+@pytest.mark.parametrize("config, gamma, alpha", [(study.FL, 2.0, 0.25), (study.CE, 0.0, 0.75), ("table1a_ce_alpha_90", 0.0, 0.9)])
+def test_a_cell_trains_its_loss_on_its_level_with_its_seed_and_the_demo_model(config, gamma, alpha):
+    register_builtin_shapes()
+    path, opts = study.cell_args("x10", config, 3)
+    cfg = sweep.sweep_config(path, study.BUDGET, opts)
+    assert cfg.DATASETS.TRAIN == ("retina_focal_shapes_x10_train",) and cfg.DATASETS.TEST == ("retina_focal_shapes_val",)
+    assert cfg.SEED == 3 and cfg.SOLVER.MAX_ITER == 400 and cfg.SOLVER.IMS_PER_BATCH == 16
+    assert (cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA, cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA) == (gamma, alpha)
+    assert cfg.MODEL.RESNETS.DEPTH == 18 and cfg.INPUT.MIN_SIZE_TEST == 128
+
+
+def _fake_run(out_dir, ap, fg_per_batch):
+    """A finished cell: result.json and metrics.json rows (one per batch) as training writes them."""
+    os.makedirs(out_dir)
+    with open(os.path.join(out_dir, "result.json"), "w") as f:
+        json.dump({"AP": ap}, f)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        for fg in fg_per_batch:
+            f.write(json.dumps({"assign/anchors_per_image": 3069.0, "assign/fg_anchors_per_image/all": fg,
+                                "assign/bg_anchors_per_image": 3000.0 - fg, "iteration": 1}) + "\n")
+        f.write(json.dumps({"bbox/AP": ap, "iteration": 2}) + "\n")
+
+
+def test_report_takes_the_ratio_of_means_and_the_seed_spread(tmp_path):
+    for seed, (fl, ce) in {1: (10.0, 14.0), 2: (12.0, 12.0)}.items():
+        _fake_run(study.cell_dir(str(tmp_path), "x22", study.FL, seed), fl, [0.0, 2.0])
+        _fake_run(study.cell_dir(str(tmp_path), "x22", study.CE, seed), ce, [0.0, 2.0])
+    table = tmp_path / "table.md"
+    figure = tmp_path / "figure.png"
+    result = study.main(["--output-dir", str(tmp_path), "--report-only", "--table", str(table), "--figure", str(figure)])
+    level = result["imbalance"]["x22"]
+    # mean fg = 1, mean bg = 2999: the median of [0, 2] batches would say "no foreground"
+    assert level["fg"] == 1.0 and level["bg_per_fg"] == 2999.0 and level["batches"] == 8
+    assert study.difference(result["aps"], "x22") == pytest.approx((-2.0, (2.0 / 2 + 2.0 / 2) ** 0.5))
+    text = table.read_text()
+    assert "| x22 | 44,000 | 3,069 | 1.0 | 1:2,999 | 11.0 ± 1.4 (10.0, 12.0) | 13.0 ± 1.4 (14.0, 12.0) | -2.0 ± 1.4 |" in text
+    assert "| x1 |" not in text  # levels without finished cells are left out, not zero
+    assert figure.stat().st_size > 0

@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""The imbalance study: the focal loss against α-balanced CE as background anchors per
+foreground anchor grow from ~150 to ~3,300 (docs/ablations_shapes.md).
+
+    python tools/imbalance_study.py --output-dir output/imbalance \\
+        --figure docs/figures/imbalance_fl_minus_ce.png --table docs/imbalance_table.md
+
+The levels are ``retina_focal.data.IMBALANCE_LEVELS``: the demo's 2,000 training images
+followed by 0, 3×, 9× or 21× as many images without objects (same objects, more negatives).
+Each cell (level, loss, seed) is one ``tools/sweep.py`` run of the loss's Table 1 config
+under ``budgets/shapes_imbalance.yaml`` with ``DATASETS.TRAIN`` and ``SEED`` set, in
+``OUTPUT_DIR/<level>_seed<k>/<config>/``; finished cells are skipped, an interrupted one
+resumes. Cells run seed by seed, so an early stop leaves whole seeds: FL (γ = 2, α = .25)
+and CE (α = .75) at every level for each of ``--seeds``, then CE at α = .5 and .9 at the
+highest and lowest level for each of ``--extreme-seeds``. ``--report-only`` tabulates what
+has finished. The imbalance of each level is measured on its training batches (the
+unsmoothed ``assign/*`` rows of every run's ``metrics.json``).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+from collections import defaultdict
+from typing import Dict, List, Sequence, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from retina_focal.data import IMBALANCE_LEVELS  # noqa: E402
+from retina_focal.data.shapes import DEMO_NUM_TRAIN  # noqa: E402
+from retina_focal.engine import load_config  # noqa: E402
+from retina_focal.visualize import new_figure, save_figure  # noqa: E402
+from tools.sweep import run_one  # noqa: E402
+
+ABLATIONS = os.path.join(REPO, "configs", "Ablations")
+BUDGET = os.path.join(ABLATIONS, "budgets", "shapes_imbalance.yaml")
+FL, CE = "table1b_fl_gamma_2p0_alpha_25", "table1a_ce_alpha_75"
+CE_ALPHAS = {"table1a_ce_alpha_50": 0.5, CE: 0.75, "table1a_ce_alpha_90": 0.9}
+ANCHOR_KEYS = ("assign/anchors_per_image", "assign/fg_anchors_per_image/all", "assign/bg_anchors_per_image")
+
+
+def cells(seeds: Sequence[int], extreme_seeds: Sequence[int]) -> List[Tuple[str, str, int]]:
+    """(level, config, seed) in running order: whole seeds of the main grid first, then CE's
+    other α, the highest level (where CE should suffer most) before the lowest."""
+    levels = list(IMBALANCE_LEVELS)
+    main = [(level, config, seed) for seed in seeds for level in levels for config in (FL, CE)]
+    extra = [(level, config, seed) for seed in extreme_seeds for level in (levels[-1], levels[0])
+             for config in CE_ALPHAS if config != CE]
+    return main + extra
+
+
+def cell_dir(output_dir: str, level: str, config: str, seed: int) -> str:
+    return os.path.join(output_dir, f"{level}_seed{seed}", config)
+
+
+def cell_args(level: str, config: str, seed: int) -> Tuple[str, List[str]]:
+    """The Table 1 config file of a cell and the overrides that set its level and seed."""
+    opts = ["DATASETS.TRAIN", f"('retina_focal_shapes_{level}_train',)", "SEED", str(seed)]
+    return os.path.join(ABLATIONS, config + ".yaml"), opts
+
+
+def run_cell(output_dir: str, level: str, config: str, seed: int) -> Dict[str, float]:
+    path, opts = cell_args(level, config, seed)
+    return run_one(path, cell_dir(output_dir, level, config, seed), BUDGET, opts, num_gpus=1)
+
+
+def anchor_rows(out_dir: str) -> List[Dict[str, float]]:
+    """The training rows of a run's metrics.json that hold the unsmoothed anchor counts."""
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if all(k in r for k in ANCHOR_KEYS)]
+
+
+def level_imbalance(rows: List[Dict[str, float]]) -> Dict[str, float]:
+    """Mean anchors, foreground and background anchors per image, and bg per fg (ratio of means)."""
+    mean = {k: statistics.fmean(r[k] for r in rows) for k in ANCHOR_KEYS}
+    anchors, fg, bg = (mean[k] for k in ANCHOR_KEYS)
+    return {"anchors": anchors, "fg": fg, "bg": bg, "bg_per_fg": bg / fg, "batches": len(rows)}
+
+
+def mean_spread(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def collect(output_dir: str, todo: Sequence[Tuple[str, str, int]]) -> Tuple[Dict, Dict]:
+    """AP per (level, config) over seeds, and each level's imbalance, of the finished cells."""
+    aps, rows = defaultdict(list), defaultdict(list)
+    for level, config, seed in todo:
+        out = cell_dir(output_dir, level, config, seed)
+        if os.path.exists(os.path.join(out, "result.json")):
+            with open(os.path.join(out, "result.json")) as f:
+                aps[level, config].append(json.load(f)["AP"])
+            rows[level] += anchor_rows(out)
+    return aps, {level: level_imbalance(r) for level, r in rows.items()}
+
+
+def difference(aps: Dict, level: str) -> Tuple[float, float]:
+    """AP(FL) − AP(CE α = .75) and its standard error (independent seeds)."""
+    (fl, fl_sd), (ce, ce_sd) = mean_spread(aps[level, FL]), mean_spread(aps[level, CE])
+    return fl - ce, (fl_sd**2 / len(aps[level, FL]) + ce_sd**2 / len(aps[level, CE])) ** 0.5
+
+
+def _cell_text(values: Sequence[float]) -> str:
+    if not values:
+        return "—"
+    mean, sd = mean_spread(values)
+    return f"{mean:.1f} ± {sd:.1f} ({', '.join(f'{v:.1f}' for v in values)})"
+
+
+def write_table(aps: Dict, imbalance: Dict, output: str, command: str) -> str:
+    header = ["level", "train images", "anchors / image", "fg / image", "bg per fg", "FL γ=2 α=.25",
+              "CE α=.75", "FL − CE (± s.e.)", "CE α=.5", "CE α=.9"]
+    lines = [f"Made by `{command}`. AP on `retina_focal_shapes_val`: mean ± sample s.d. (runs).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for level, multiple in IMBALANCE_LEVELS.items():
+        if level not in imbalance:
+            continue
+        im = imbalance[level]
+        delta = "—"
+        if aps[level, FL] and aps[level, CE]:
+            d, se = difference(aps, level)
+            delta = f"{d:+.1f} ± {se:.1f}"
+        lines.append("| " + " | ".join(
+            [level, f"{DEMO_NUM_TRAIN * multiple:,}", f"{im['anchors']:,.0f}", f"{im['fg']:.1f}", f"1:{im['bg_per_fg']:,.0f}",
+             _cell_text(aps[level, FL]), _cell_text(aps[level, CE]), delta,
+             _cell_text(aps[level, "table1a_ce_alpha_50"]), _cell_text(aps[level, "table1a_ce_alpha_90"])]) + " |")
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    with open(output, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return output
+
+
+def plot_difference(aps: Dict, imbalance: Dict, output: str) -> str:
+    """AP(FL) − AP(CE α = .75) ± s.e. against background anchors per foreground anchor."""
+    levels = [lv for lv in IMBALANCE_LEVELS if lv in imbalance and aps[lv, FL] and aps[lv, CE]]
+    x = [imbalance[lv]["bg_per_fg"] for lv in levels]
+    d, se = zip(*(difference(aps, lv) for lv in levels)) if levels else ((), ())
+    fig, ax = new_figure(figsize=(5.5, 3.8))
+    ax.axhline(0, color="0.5", linewidth=0.8)
+    ax.errorbar(x, d, yerr=se, marker="o", capsize=4)
+    for xi, di, lv in zip(x, d, levels):
+        ax.annotate(lv, (xi, di), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("background anchors per foreground anchor (training batches)")
+    ax.set_ylabel("AP(FL γ=2, α=.25) − AP(CE α=.75)")
+    iters = load_config(BUDGET).SOLVER.MAX_ITER
+    ax.set_title(f"Shapes imbalance levels, R-18-FPN from scratch, {iters} iterations of 16 images", fontsize=9)
+    return save_figure(fig, output)
+
+
+def main(argv: Sequence[str] = None) -> Dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--extreme-seeds", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--report-only", action="store_true", help="tabulate the finished cells, run nothing")
+    parser.add_argument("--figure", default="", help="PNG of FL − CE against the imbalance")
+    parser.add_argument("--table", default="", help="markdown table (default OUTPUT_DIR/imbalance.md)")
+    args = parser.parse_args(argv)
+    todo = cells(args.seeds, args.extreme_seeds)
+    if not args.report_only:
+        for cell in todo:
+            run_cell(args.output_dir, *cell)
+    aps, imbalance = collect(args.output_dir, todo)
+    command = "python tools/imbalance_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    table = write_table(aps, imbalance, args.table or os.path.join(args.output_dir, "imbalance.md"), command)
+    print(open(table).read())
+    if args.figure:
+        plot_difference(aps, imbalance, args.figure)
+    return {"aps": dict(aps), "imbalance": imbalance}
+
+
+if __name__ == "__main__":
+    main()
