@@ -1,5 +1,6 @@
 """tools/imbalance_study.py: its cells, the configs they train and the report of finished runs."""
 import json
+import math
 import os
 
 import pytest
@@ -17,6 +18,7 @@ def test_cells_run_whole_seeds_first_then_ce_alphas_at_the_extremes():
     assert {(lv, c) for lv, c, _ in todo[main:]} == {
         (lv, c) for lv in ("x1", "x22") for c in ("table1a_ce_alpha_50", "table1a_ce_alpha_90")
     }
+    assert study.cells([2], [], ["x4", "x1"]) == [("x1", study.FL, 2), ("x1", study.CE, 2), ("x4", study.FL, 2), ("x4", study.CE, 2)]
 
 
 @pytest.mark.parametrize("config, gamma, alpha", [(study.FL, 2.0, 0.25), (study.CE, 0.0, 0.75), ("table1a_ce_alpha_90", 0.0, 0.9)])
@@ -57,3 +59,10 @@ def test_report_takes_the_ratio_of_means_and_the_seed_spread(tmp_path):
     assert "| x22 | 44,000 | 3,069 | 1.0 | 1:2,999 | 11.0 ± 1.4 (10.0, 12.0) | 13.0 ± 1.4 (14.0, 12.0) | -2.0 ± 1.4 |" in text
     assert "| x1 |" not in text  # levels without finished cells are left out, not zero
     assert figure.stat().st_size > 0
+
+
+def test_one_run_reports_no_spread_rather_than_zero():
+    aps = {("x1", study.FL): [5.0], ("x1", study.CE): [15.0]}
+    assert study._cell_text([5.0]) == "5.0 (1 run)" and study._cell_text([]) == "—"
+    d, se = study.difference(aps, "x1")
+    assert d == -10.0 and math.isnan(se)

@@ -18,6 +18,7 @@ unsmoothed ``assign/*`` rows of every run's ``metrics.json``).
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -40,10 +41,11 @@ CE_ALPHAS = {"table1a_ce_alpha_50": 0.5, CE: 0.75, "table1a_ce_alpha_90": 0.9}
 ANCHOR_KEYS = ("assign/anchors_per_image", "assign/fg_anchors_per_image/all", "assign/bg_anchors_per_image")
 
 
-def cells(seeds: Sequence[int], extreme_seeds: Sequence[int]) -> List[Tuple[str, str, int]]:
+def cells(seeds: Sequence[int], extreme_seeds: Sequence[int], levels: Sequence[str] = ()) -> List[Tuple[str, str, int]]:
     """(level, config, seed) in running order: whole seeds of the main grid first, then CE's
-    other α, the highest level (where CE should suffer most) before the lowest."""
-    levels = list(IMBALANCE_LEVELS)
+    other α, the highest level (where CE should suffer most) before the lowest. ``levels``
+    (default: all) is a subset of IMBALANCE_LEVELS."""
+    levels = [lv for lv in IMBALANCE_LEVELS if lv in levels] if levels else list(IMBALANCE_LEVELS)
     main = [(level, config, seed) for seed in seeds for level in levels for config in (FL, CE)]
     extra = [(level, config, seed) for seed in extreme_seeds for level in (levels[-1], levels[0])
              for config in CE_ALPHAS if config != CE]
@@ -80,8 +82,8 @@ def level_imbalance(rows: List[Dict[str, float]]) -> Dict[str, float]:
 
 
 def mean_spread(values: Sequence[float]) -> Tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    """Mean and sample standard deviation (NaN for one value: no spread measured)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 def collect(output_dir: str, todo: Sequence[Tuple[str, str, int]]) -> Tuple[Dict, Dict]:
@@ -103,8 +105,8 @@ def difference(aps: Dict, level: str) -> Tuple[float, float]:
 
 
 def _cell_text(values: Sequence[float]) -> str:
-    if not values:
-        return "—"
+    if len(values) < 2:
+        return f"{values[0]:.1f} (1 run)" if values else "—"
     mean, sd = mean_spread(values)
     return f"{mean:.1f} ± {sd:.1f} ({', '.join(f'{v:.1f}' for v in values)})"
 
@@ -121,7 +123,7 @@ def write_table(aps: Dict, imbalance: Dict, output: str, command: str) -> str:
         delta = "—"
         if aps[level, FL] and aps[level, CE]:
             d, se = difference(aps, level)
-            delta = f"{d:+.1f} ± {se:.1f}"
+            delta = f"{d:+.1f}" + ("" if math.isnan(se) else f" ± {se:.1f}")
         lines.append("| " + " | ".join(
             [level, f"{DEMO_NUM_TRAIN * multiple:,}", f"{im['anchors']:,.0f}", f"{im['fg']:.1f}", f"1:{im['bg_per_fg']:,.0f}",
              _cell_text(aps[level, FL]), _cell_text(aps[level, CE]), delta,
@@ -155,15 +157,16 @@ def main(argv: Sequence[str] = None) -> Dict:
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--extreme-seeds", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--levels", nargs="+", choices=list(IMBALANCE_LEVELS), default=[],
+                        help="run these levels only (default: all); the report covers every finished cell")
     parser.add_argument("--report-only", action="store_true", help="tabulate the finished cells, run nothing")
     parser.add_argument("--figure", default="", help="PNG of FL − CE against the imbalance")
     parser.add_argument("--table", default="", help="markdown table (default OUTPUT_DIR/imbalance.md)")
     args = parser.parse_args(argv)
-    todo = cells(args.seeds, args.extreme_seeds)
     if not args.report_only:
-        for cell in todo:
+        for cell in cells(args.seeds, args.extreme_seeds, args.levels):
             run_cell(args.output_dir, *cell)
-    aps, imbalance = collect(args.output_dir, todo)
+    aps, imbalance = collect(args.output_dir, cells(args.seeds, args.extreme_seeds))
     command = "python tools/imbalance_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     table = write_table(aps, imbalance, args.table or os.path.join(args.output_dir, "imbalance.md"), command)
     print(open(table).read())
