@@ -4,6 +4,8 @@ import math
 import os
 
 import pytest
+import torch
+from detectron2.modeling import build_model
 
 from retina_focal.data import IMBALANCE_LEVELS, register_builtin_shapes
 from tools import imbalance_study as study
@@ -66,3 +68,30 @@ def test_one_run_reports_no_spread_rather_than_zero():
     assert study._cell_text([5.0]) == "5.0 (1 run)" and study._cell_text([]) == "—"
     d, se = study.difference(aps, "x1")
     assert d == -10.0 and math.isnan(se)
+
+
+def test_a_run_without_detections_counts_as_zero_and_is_marked(tmp_path):
+    """COCO gives NaN AP for no detections (CE's scores can all fall below the threshold)."""
+    _fake_run(study.cell_dir(str(tmp_path), "x10", study.CE, 1), math.nan, [2.0])
+    _fake_run(study.cell_dir(str(tmp_path), "x10", study.FL, 1), 0.5, [2.0])
+    aps, _, empty = study.collect(str(tmp_path), study.cells([1], []))
+    assert aps["x10", study.CE] == [0.0] and empty["x10", study.CE] == 1 and empty["x10", study.FL] == 0
+    assert study._cell_text(aps["x10", study.CE], 1) == "0.0 (1 run) [1 without a detection]"
+
+
+def test_rescoring_ranks_the_detections_that_the_score_threshold_dropped(tmp_path):
+    """An untrained model scores ~π = .01 everywhere: nothing passes 0.05 (AP counted 0), and
+    at threshold 0 its detections are ranked; each result is cached beside the cell."""
+    register_builtin_shapes()
+    out = tmp_path / "cell"
+    out.mkdir()
+    path, opts = study.cell_args("x1", study.CE, 1)
+    tiny = ["DATASETS.TEST", ("retina_focal_shapes_tiny_val",), "TEST.BACKEND.CACHE_DIR", str(tmp_path / "cache")]
+    cfg = sweep.sweep_config(path, study.BUDGET, opts + tiny)
+    (out / "sweep_config.yaml").write_text(cfg.dump())
+    torch.save({"model": build_model(cfg).state_dict()}, out / "model_final.pth")
+    assert study.rescored_ap(str(out), 0.05) == 0.0
+    ranked = study.rescored_ap(str(out), 0.0)
+    assert 0.0 <= ranked <= 100.0 and (out / "score_thresh_0.json").exists()
+    os.remove(out / "model_final.pth")  # a second call reads the cache
+    assert study.rescored_ap(str(out), 0.0) == ranked

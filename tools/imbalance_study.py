@@ -23,14 +23,15 @@ import os
 import statistics
 import sys
 from collections import defaultdict
-from typing import Dict, List, Sequence, Tuple
+from functools import partial
+from typing import Callable, Dict, List, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from retina_focal.data import IMBALANCE_LEVELS  # noqa: E402
+from retina_focal.data import IMBALANCE_LEVELS, register_builtin_shapes  # noqa: E402
 from retina_focal.data.shapes import DEMO_NUM_TRAIN  # noqa: E402
-from retina_focal.engine import load_config  # noqa: E402
+from retina_focal.engine import evaluate, load_config  # noqa: E402
 from retina_focal.visualize import new_figure, save_figure  # noqa: E402
 from tools.sweep import run_one  # noqa: E402
 
@@ -86,16 +87,47 @@ def mean_spread(values: Sequence[float]) -> Tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
-def collect(output_dir: str, todo: Sequence[Tuple[str, str, int]]) -> Tuple[Dict, Dict]:
-    """AP per (level, config) over seeds, and each level's imbalance, of the finished cells."""
-    aps, rows = defaultdict(list), defaultdict(list)
+def read_ap(out_dir: str) -> float:
+    """A finished cell's AP; 0 where the model made no detection (COCO's AP is NaN then: a
+    detector that outputs nothing above MODEL.RETINANET.SCORE_THRESH_TEST finds nothing)."""
+    with open(os.path.join(out_dir, "result.json")) as f:
+        ap = json.load(f)["AP"]
+    return 0.0 if math.isnan(ap) else ap
+
+
+def rescored_ap(out_dir: str, score_thresh: float) -> float:
+    """A finished cell's final model evaluated again with MODEL.RETINANET.SCORE_THRESH_TEST
+    ``score_thresh`` (cached in ``score_thresh_<t>.json`` beside it): AP that ranks every
+    detection, also those of a model whose scores all fell below the paper's 0.05."""
+    cache = os.path.join(out_dir, f"score_thresh_{score_thresh:g}.json")
+    if not os.path.exists(cache):
+        register_builtin_shapes()
+        cfg = load_config(os.path.join(out_dir, "sweep_config.yaml"))
+        cfg.merge_from_list(["MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth"),
+                             "MODEL.RETINANET.SCORE_THRESH_TEST", score_thresh,
+                             "OUTPUT_DIR", os.path.join(out_dir, f"score_thresh_{score_thresh:g}")])
+        results = evaluate(cfg)["bbox"]  # detectron2 unnests the results of a single test set
+        with open(cache, "w") as f:
+            json.dump(results, f)
+    with open(cache) as f:
+        ap = json.load(f)["AP"]
+    return 0.0 if math.isnan(ap) else ap
+
+
+def collect(
+    output_dir: str, todo: Sequence[Tuple[str, str, int]], read: Callable[[str], float] = read_ap
+) -> Tuple[Dict, Dict, Dict]:
+    """AP per (level, config) over seeds (``read`` from a cell's folder), each level's
+    imbalance, and per (level, config) the number of runs without a detection, of the
+    finished cells."""
+    aps, rows, empty = defaultdict(list), defaultdict(list), defaultdict(int)
     for level, config, seed in todo:
         out = cell_dir(output_dir, level, config, seed)
         if os.path.exists(os.path.join(out, "result.json")):
-            with open(os.path.join(out, "result.json")) as f:
-                aps[level, config].append(json.load(f)["AP"])
+            aps[level, config].append(read(out))
+            empty[level, config] += aps[level, config][-1] == 0.0
             rows[level] += anchor_rows(out)
-    return aps, {level: level_imbalance(r) for level, r in rows.items()}
+    return aps, {level: level_imbalance(r) for level, r in rows.items()}, empty
 
 
 def difference(aps: Dict, level: str) -> Tuple[float, float]:
@@ -104,18 +136,18 @@ def difference(aps: Dict, level: str) -> Tuple[float, float]:
     return fl - ce, (fl_sd**2 / len(aps[level, FL]) + ce_sd**2 / len(aps[level, CE])) ** 0.5
 
 
-def _cell_text(values: Sequence[float]) -> str:
+def _cell_text(values: Sequence[float], no_detections: int = 0) -> str:
+    mark = f" [{no_detections} without a detection]" if no_detections else ""
     if len(values) < 2:
-        return f"{values[0]:.1f} (1 run)" if values else "—"
+        return f"{values[0]:.1f} (1 run){mark}" if values else "—"
     mean, sd = mean_spread(values)
-    return f"{mean:.1f} ± {sd:.1f} ({', '.join(f'{v:.1f}' for v in values)})"
+    return f"{mean:.1f} ± {sd:.1f} ({', '.join(f'{v:.1f}' for v in values)}){mark}"
 
 
-def write_table(aps: Dict, imbalance: Dict, output: str, command: str) -> str:
+def table_lines(aps: Dict, imbalance: Dict, empty: Dict, title: str) -> List[str]:
     header = ["level", "train images", "anchors / image", "fg / image", "bg per fg", "FL γ=2 α=.25",
               "CE α=.75", "FL − CE (± s.e.)", "CE α=.5", "CE α=.9"]
-    lines = [f"Made by `{command}`. AP on `retina_focal_shapes_val`: mean ± sample s.d. (runs).", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for level, multiple in IMBALANCE_LEVELS.items():
         if level not in imbalance:
             continue
@@ -126,12 +158,10 @@ def write_table(aps: Dict, imbalance: Dict, output: str, command: str) -> str:
             delta = f"{d:+.1f}" + ("" if math.isnan(se) else f" ± {se:.1f}")
         lines.append("| " + " | ".join(
             [level, f"{DEMO_NUM_TRAIN * multiple:,}", f"{im['anchors']:,.0f}", f"{im['fg']:.1f}", f"1:{im['bg_per_fg']:,.0f}",
-             _cell_text(aps[level, FL]), _cell_text(aps[level, CE]), delta,
-             _cell_text(aps[level, "table1a_ce_alpha_50"]), _cell_text(aps[level, "table1a_ce_alpha_90"])]) + " |")
-    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-    with open(output, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return output
+             *(_cell_text(aps[level, c], empty[level, c]) for c in (FL, CE)), delta,
+             *(_cell_text(aps[level, c], empty[level, c]) for c in ("table1a_ce_alpha_50", "table1a_ce_alpha_90"))])
+            + " |")
+    return lines
 
 
 def plot_difference(aps: Dict, imbalance: Dict, output: str) -> str:
@@ -160,16 +190,28 @@ def main(argv: Sequence[str] = None) -> Dict:
     parser.add_argument("--levels", nargs="+", choices=list(IMBALANCE_LEVELS), default=[],
                         help="run these levels only (default: all); the report covers every finished cell")
     parser.add_argument("--report-only", action="store_true", help="tabulate the finished cells, run nothing")
+    parser.add_argument("--score-thresh", type=float, help="also evaluate every finished cell at this "
+                        "MODEL.RETINANET.SCORE_THRESH_TEST (a second table)")
     parser.add_argument("--figure", default="", help="PNG of FL − CE against the imbalance")
     parser.add_argument("--table", default="", help="markdown table (default OUTPUT_DIR/imbalance.md)")
     args = parser.parse_args(argv)
     if not args.report_only:
         for cell in cells(args.seeds, args.extreme_seeds, args.levels):
             run_cell(args.output_dir, *cell)
-    aps, imbalance = collect(args.output_dir, cells(args.seeds, args.extreme_seeds))
+    todo = cells(args.seeds, args.extreme_seeds)
+    aps, imbalance, empty = collect(args.output_dir, todo)
     command = "python tools/imbalance_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    table = write_table(aps, imbalance, args.table or os.path.join(args.output_dir, "imbalance.md"), command)
-    print(open(table).read())
+    lines = table_lines(aps, imbalance, empty, f"Made by `{command}`. AP on `retina_focal_shapes_val`: mean ± "
+                        "sample s.d. (runs); a run without a detection above the score threshold counts as 0.")
+    if args.score_thresh is not None:
+        rescored = collect(args.output_dir, todo, partial(rescored_ap, score_thresh=args.score_thresh))
+        lines += [""] + table_lines(*rescored, f"The same models with MODEL.RETINANET.SCORE_THRESH_TEST "
+                                    f"{args.score_thresh:g} (the paper's: 0.05):")
+    table = args.table or os.path.join(args.output_dir, "imbalance.md")
+    os.makedirs(os.path.dirname(table) or ".", exist_ok=True)
+    with open(table, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
     if args.figure:
         plot_difference(aps, imbalance, args.figure)
     return {"aps": dict(aps), "imbalance": imbalance}
