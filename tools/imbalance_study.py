@@ -29,6 +29,8 @@ from typing import Callable, Dict, List, Sequence, Tuple
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from matplotlib.ticker import NullFormatter  # noqa: E402
+
 from retina_focal.data import IMBALANCE_LEVELS, register_builtin_shapes  # noqa: E402
 from retina_focal.data.shapes import DEMO_NUM_TRAIN  # noqa: E402
 from retina_focal.engine import evaluate, load_config  # noqa: E402
@@ -164,21 +166,25 @@ def table_lines(aps: Dict, imbalance: Dict, empty: Dict, title: str) -> List[str
     return lines
 
 
-def plot_difference(aps: Dict, imbalance: Dict, output: str) -> str:
-    """AP(FL) − AP(CE α = .75) ± s.e. against background anchors per foreground anchor."""
-    levels = [lv for lv in IMBALANCE_LEVELS if lv in imbalance and aps[lv, FL] and aps[lv, CE]]
-    x = [imbalance[lv]["bg_per_fg"] for lv in levels]
-    d, se = zip(*(difference(aps, lv) for lv in levels)) if levels else ((), ())
-    fig, ax = new_figure(figsize=(5.5, 3.8))
+def plot_difference(series: Dict[str, Dict], imbalance: Dict, output: str) -> str:
+    """AP(FL) − AP(CE α = .75) ± s.e. against background anchors per foreground anchor, one
+    line per entry of ``series`` (label -> AP per (level, config))."""
+    fig, ax = new_figure(figsize=(6, 4))
     ax.axhline(0, color="0.5", linewidth=0.8)
-    ax.errorbar(x, d, yerr=se, marker="o", capsize=4)
-    for xi, di, lv in zip(x, d, levels):
-        ax.annotate(lv, (xi, di), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    for label, aps in series.items():
+        levels = [lv for lv in IMBALANCE_LEVELS if lv in imbalance and aps[lv, FL] and aps[lv, CE]]
+        x = [imbalance[lv]["bg_per_fg"] for lv in levels]
+        d, se = zip(*(difference(aps, lv) for lv in levels)) if levels else ((), ())
+        ax.errorbar(x, d, yerr=[0 if math.isnan(e) else e for e in se], marker="o", capsize=4, label=label)
+    for lv in imbalance:
+        ax.annotate(lv, (imbalance[lv]["bg_per_fg"], 0), textcoords="offset points", xytext=(-8, -14), fontsize=8)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("background anchors per foreground anchor (training batches)")
     ax.set_ylabel("AP(FL γ=2, α=.25) − AP(CE α=.75)")
     iters = load_config(BUDGET).SOLVER.MAX_ITER
     ax.set_title(f"Shapes imbalance levels, R-18-FPN from scratch, {iters} iterations of 16 images", fontsize=9)
+    ax.legend(fontsize=8)
     return save_figure(fig, output)
 
 
@@ -203,17 +209,19 @@ def main(argv: Sequence[str] = None) -> Dict:
     command = "python tools/imbalance_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = table_lines(aps, imbalance, empty, f"Made by `{command}`. AP on `retina_focal_shapes_val`: mean ± "
                         "sample s.d. (runs); a run without a detection above the score threshold counts as 0.")
+    series = {"score threshold 0.05 (paper; no detection = 0 AP)": aps}
     if args.score_thresh is not None:
         rescored = collect(args.output_dir, todo, partial(rescored_ap, score_thresh=args.score_thresh))
         lines += [""] + table_lines(*rescored, f"The same models with MODEL.RETINANET.SCORE_THRESH_TEST "
                                     f"{args.score_thresh:g} (the paper's: 0.05):")
+        series[f"score threshold {args.score_thresh:g}"] = rescored[0]
     table = args.table or os.path.join(args.output_dir, "imbalance.md")
     os.makedirs(os.path.dirname(table) or ".", exist_ok=True)
     with open(table, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.figure:
-        plot_difference(aps, imbalance, args.figure)
+        plot_difference(series, imbalance, args.figure)
     return {"aps": dict(aps), "imbalance": imbalance}
 
 
