@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """The imbalance study: the focal loss against α-balanced CE as background anchors per
-foreground anchor grow from ~150 to ~3,300 (docs/ablations_shapes.md).
+foreground anchor grow from ~1:150 to ~1:3,900 (docs/ablations_shapes.md).
 
-    python tools/imbalance_study.py --output-dir output/imbalance \\
-        --figure docs/figures/imbalance_fl_minus_ce.png --table docs/imbalance_table.md
+    python tools/imbalance_study.py --output-dir output/imbalance --score-thresh 0 \\
+        --figure docs/figures/imbalance_fl_minus_ce.png
 
 The levels are ``retina_focal.data.IMBALANCE_LEVELS``: the demo's 2,000 training images
 followed by 0, 3×, 9× or 21× as many images without objects (same objects, more negatives).
@@ -40,7 +40,7 @@ from tools.sweep import run_one  # noqa: E402
 ABLATIONS = os.path.join(REPO, "configs", "Ablations")
 BUDGET = os.path.join(ABLATIONS, "budgets", "shapes_imbalance.yaml")
 FL, CE = "table1b_fl_gamma_2p0_alpha_25", "table1a_ce_alpha_75"
-CE_ALPHAS = {"table1a_ce_alpha_50": 0.5, CE: 0.75, "table1a_ce_alpha_90": 0.9}
+CE_OTHER_ALPHAS = ("table1a_ce_alpha_50", "table1a_ce_alpha_90")  # run at the extreme levels
 ANCHOR_KEYS = ("assign/anchors_per_image", "assign/fg_anchors_per_image/all", "assign/bg_anchors_per_image")
 
 
@@ -51,7 +51,7 @@ def cells(seeds: Sequence[int], extreme_seeds: Sequence[int], levels: Sequence[s
     levels = [lv for lv in IMBALANCE_LEVELS if lv in levels] if levels else list(IMBALANCE_LEVELS)
     main = [(level, config, seed) for seed in seeds for level in levels for config in (FL, CE)]
     extra = [(level, config, seed) for seed in extreme_seeds for level in (levels[-1], levels[0])
-             for config in CE_ALPHAS if config != CE]
+             for config in CE_OTHER_ALPHAS]
     return main + extra
 
 
@@ -90,11 +90,9 @@ def mean_spread(values: Sequence[float]) -> Tuple[float, float]:
 
 
 def read_ap(out_dir: str) -> float:
-    """A finished cell's AP; 0 where the model made no detection (COCO's AP is NaN then: a
-    detector that outputs nothing above MODEL.RETINANET.SCORE_THRESH_TEST finds nothing)."""
+    """A finished cell's AP (NaN where the model made no detection: COCO's answer then)."""
     with open(os.path.join(out_dir, "result.json")) as f:
-        ap = json.load(f)["AP"]
-    return 0.0 if math.isnan(ap) else ap
+        return json.load(f)["AP"]
 
 
 def rescored_ap(out_dir: str, score_thresh: float) -> float:
@@ -112,8 +110,7 @@ def rescored_ap(out_dir: str, score_thresh: float) -> float:
         with open(cache, "w") as f:
             json.dump(results, f)
     with open(cache) as f:
-        ap = json.load(f)["AP"]
-    return 0.0 if math.isnan(ap) else ap
+        return json.load(f)["AP"]
 
 
 def collect(
@@ -121,13 +118,15 @@ def collect(
 ) -> Tuple[Dict, Dict, Dict]:
     """AP per (level, config) over seeds (``read`` from a cell's folder), each level's
     imbalance, and per (level, config) the number of runs without a detection, of the
-    finished cells."""
+    finished cells. A run without a detection (NaN AP) counts as 0: a detector that outputs
+    nothing above MODEL.RETINANET.SCORE_THRESH_TEST finds nothing."""
     aps, rows, empty = defaultdict(list), defaultdict(list), defaultdict(int)
     for level, config, seed in todo:
         out = cell_dir(output_dir, level, config, seed)
         if os.path.exists(os.path.join(out, "result.json")):
-            aps[level, config].append(read(out))
-            empty[level, config] += aps[level, config][-1] == 0.0
+            ap = read(out)
+            empty[level, config] += math.isnan(ap)
+            aps[level, config].append(0.0 if math.isnan(ap) else ap)
             rows[level] += anchor_rows(out)
     return aps, {level: level_imbalance(r) for level, r in rows.items()}, empty
 
@@ -161,7 +160,7 @@ def table_lines(aps: Dict, imbalance: Dict, empty: Dict, title: str) -> List[str
         lines.append("| " + " | ".join(
             [level, f"{DEMO_NUM_TRAIN * multiple:,}", f"{im['anchors']:,.0f}", f"{im['fg']:.1f}", f"1:{im['bg_per_fg']:,.0f}",
              *(_cell_text(aps[level, c], empty[level, c]) for c in (FL, CE)), delta,
-             *(_cell_text(aps[level, c], empty[level, c]) for c in ("table1a_ce_alpha_50", "table1a_ce_alpha_90"))])
+             *(_cell_text(aps[level, c], empty[level, c]) for c in CE_OTHER_ALPHAS)])
             + " |")
     return lines
 
@@ -194,7 +193,8 @@ def main(argv: Sequence[str] = None) -> Dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--extreme-seeds", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--levels", nargs="+", choices=list(IMBALANCE_LEVELS), default=[],
-                        help="run these levels only (default: all); the report covers every finished cell")
+                        help="run these levels only (default: all); the report covers every level's "
+                        "finished cells of --seeds and --extreme-seeds")
     parser.add_argument("--report-only", action="store_true", help="tabulate the finished cells, run nothing")
     parser.add_argument("--score-thresh", type=float, help="also evaluate every finished cell at this "
                         "MODEL.RETINANET.SCORE_THRESH_TEST (a second table)")
