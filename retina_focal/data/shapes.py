@@ -46,8 +46,9 @@ SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring")
 _GENERATOR_VERSION = 2  # bump when drawing changes, so caches are rebuilt
 DEMO_NUM_TRAIN, DEMO_NUM_VAL = 2000, 200
 # level name -> training images per demo training image; the extra ones hold no object.
-# At 128 px (3,069 anchors, ~21 foreground per demo image) ×1 is ~1:150 negatives per
-# positive, ×22 ~1:3,300, the paper's COCO regime (~100k anchors per image, §1).
+# At 128 px (3,069 anchors, ~21 foreground per demo image) the training batches measure
+# 1:144, 1:532, 1:1,276 and 1:3,926 background per foreground anchor (docs/ablations_shapes.md);
+# the last is the paper's COCO regime (~100k anchors per image, a handful foreground, §1).
 IMBALANCE_LEVELS = {"x1": 1, "x4": 4, "x10": 10, "x22": 22}
 
 
