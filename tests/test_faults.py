@@ -80,18 +80,26 @@ def test_a_rank_whose_images_have_no_annotations_trains_to_the_end(tmp_path):
     assert os.path.exists(os.path.join(out, "model_final.pth"))
 
 
+def _state_and_parent(pid):
+    """(state, parent pid) of a process from /proc, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError):
+        return None
+    return state, int(ppid)
+
+
+def _running(pid):
+    """Whether ``pid`` still runs: a zombie has ended (its /proc entry waits for a reaper)."""
+    stat = _state_and_parent(pid)
+    return stat is not None and stat[0] != "Z"
+
+
 def _live_children(pid):
     """Processes whose parent is ``pid`` and that are not zombies (Linux /proc)."""
-    children = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
-        except (OSError, ValueError):
-            continue
-        if int(ppid) == pid and state != "Z":
-            children.append(int(entry))
-    return children
+    stats = {int(e): _state_and_parent(e) for e in os.listdir("/proc") if e.isdigit()}
+    return [child for child, st in stats.items() if st is not None and st[0] != "Z" and st[1] == pid]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
@@ -114,9 +122,9 @@ def test_killing_the_launcher_ends_its_worker_processes(tmp_path):
         launcher.kill()
         launcher.wait()
         deadline = time.monotonic() + 60
-        while any(os.path.exists(f"/proc/{w}") for w in workers) and time.monotonic() < deadline:
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not any(os.path.exists(f"/proc/{w}") for w in workers), "workers outlived the launcher"
+        assert not any(_running(w) for w in workers), "workers outlived the launcher"
     finally:
         launcher.kill()
         for w in workers:
