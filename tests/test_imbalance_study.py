@@ -20,6 +20,7 @@ def test_cells_run_whole_seeds_first_then_ce_alphas_at_the_extremes():
     assert {(lv, c) for lv, c, _ in todo[main:]} == {
         (lv, c) for lv in ("x1", "x22") for c in ("table1a_ce_alpha_50", "table1a_ce_alpha_90")
     }
+    assert study.cells([], [1], ["x22"]) == [("x22", c, 1) for c in study.CE_OTHER_ALPHAS]  # each once
     assert study.cells([2], [], ["x4", "x1"]) == [("x1", study.FL, 2), ("x1", study.CE, 2), ("x4", study.FL, 2), ("x4", study.CE, 2)]
 
 
@@ -74,7 +75,7 @@ def test_a_run_without_detections_counts_as_zero_and_is_marked(tmp_path):
     """COCO gives NaN AP for no detections (CE's scores can all fall below the threshold)."""
     _fake_run(study.cell_dir(str(tmp_path), "x10", study.CE, 1), math.nan, [2.0])
     _fake_run(study.cell_dir(str(tmp_path), "x10", study.FL, 1), 0.5, [2.0])
-    aps, _, empty = study.collect(str(tmp_path), study.cells([1], []))
+    aps, empty = study.collect(study.finished(str(tmp_path), study.cells([1], [])))
     assert aps["x10", study.CE] == [0.0] and empty["x10", study.CE] == 1 and empty["x10", study.FL] == 0
     assert study._cell_text(aps["x10", study.CE], 1) == "0.0 (1 run) [1 without a detection]"
 
@@ -83,8 +84,8 @@ def test_rescoring_ranks_the_detections_that_the_score_threshold_dropped(tmp_pat
     """An untrained model scores ~π = .01 everywhere: nothing passes 0.05 (AP counted 0), and
     at threshold 0 its detections are ranked; each result is cached beside the cell."""
     register_builtin_shapes()
-    out = tmp_path / "cell"
-    out.mkdir()
+    out = tmp_path / "x1_seed1" / study.CE
+    _fake_run(str(out), 20.0, [2.0])  # result.json and metrics.json of a finished cell
     path, opts = study.cell_args("x1", study.CE, 1)
     tiny = ["DATASETS.TEST", ("retina_focal_shapes_tiny_val",), "TEST.BACKEND.CACHE_DIR", str(tmp_path / "cache")]
     cfg = sweep.sweep_config(path, study.BUDGET, opts + tiny)
@@ -95,3 +96,7 @@ def test_rescoring_ranks_the_detections_that_the_score_threshold_dropped(tmp_pat
     assert 0.0 <= ranked <= 100.0 and (out / "score_thresh_0.json").exists()
     os.remove(out / "model_final.pth")  # a second call reads the cache
     assert study.rescored_ap(str(out), 0.0) == ranked
+    table = tmp_path / "table.md"
+    study.main(["--output-dir", str(tmp_path), "--report-only", "--score-thresh", "0", "--table", str(table)])
+    first, second = table.read_text().split("The same models with MODEL.RETINANET.SCORE_THRESH_TEST 0")
+    assert "| 20.0 (1 run) |" in first and f"| {ranked:.1f} (1 run) |" in second

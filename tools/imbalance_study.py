@@ -50,8 +50,8 @@ def cells(seeds: Sequence[int], extreme_seeds: Sequence[int], levels: Sequence[s
     (default: all) is a subset of IMBALANCE_LEVELS."""
     levels = [lv for lv in IMBALANCE_LEVELS if lv in levels] if levels else list(IMBALANCE_LEVELS)
     main = [(level, config, seed) for seed in seeds for level in levels for config in (FL, CE)]
-    extra = [(level, config, seed) for seed in extreme_seeds for level in (levels[-1], levels[0])
-             for config in CE_OTHER_ALPHAS]
+    extremes = dict.fromkeys((levels[-1], levels[0]))  # one level when only one is run
+    extra = [(level, config, seed) for seed in extreme_seeds for level in extremes for config in CE_OTHER_ALPHAS]
     return main + extra
 
 
@@ -113,22 +113,30 @@ def rescored_ap(out_dir: str, score_thresh: float) -> float:
         return json.load(f)["AP"]
 
 
-def collect(
-    output_dir: str, todo: Sequence[Tuple[str, str, int]], read: Callable[[str], float] = read_ap
-) -> Tuple[Dict, Dict, Dict]:
-    """AP per (level, config) over seeds (``read`` from a cell's folder), each level's
-    imbalance, and per (level, config) the number of runs without a detection, of the
-    finished cells. A run without a detection (NaN AP) counts as 0: a detector that outputs
-    nothing above MODEL.RETINANET.SCORE_THRESH_TEST finds nothing."""
-    aps, rows, empty = defaultdict(list), defaultdict(list), defaultdict(int)
-    for level, config, seed in todo:
-        out = cell_dir(output_dir, level, config, seed)
-        if os.path.exists(os.path.join(out, "result.json")):
-            ap = read(out)
-            empty[level, config] += math.isnan(ap)
-            aps[level, config].append(0.0 if math.isnan(ap) else ap)
-            rows[level] += anchor_rows(out)
-    return aps, {level: level_imbalance(r) for level, r in rows.items()}, empty
+def finished(output_dir: str, todo: Sequence[Tuple[str, str, int]]) -> List[Tuple[str, str, str]]:
+    """(level, config, folder) of the cells of ``todo`` that have a result."""
+    cells_done = [(level, config, cell_dir(output_dir, level, config, seed)) for level, config, seed in todo]
+    return [(level, config, out) for level, config, out in cells_done if os.path.exists(os.path.join(out, "result.json"))]
+
+
+def level_imbalances(done: Sequence[Tuple[str, str, str]]) -> Dict[str, Dict[str, float]]:
+    """Each level's imbalance over the training rows of all its finished cells."""
+    rows = defaultdict(list)
+    for level, _, out in done:
+        rows[level] += anchor_rows(out)
+    return {level: level_imbalance(r) for level, r in rows.items()}
+
+
+def collect(done: Sequence[Tuple[str, str, str]], read: Callable[[str], float] = read_ap) -> Tuple[Dict, Dict]:
+    """AP per (level, config) over seeds (``read`` from a cell's folder) and per (level,
+    config) the number of runs without a detection. A run without a detection (NaN AP) counts
+    as 0: a detector that outputs nothing above MODEL.RETINANET.SCORE_THRESH_TEST finds nothing."""
+    aps, empty = defaultdict(list), defaultdict(int)
+    for level, config, out in done:
+        ap = read(out)
+        empty[level, config] += math.isnan(ap)
+        aps[level, config].append(0.0 if math.isnan(ap) else ap)
+    return aps, empty
 
 
 def difference(aps: Dict, level: str) -> Tuple[float, float]:
@@ -145,7 +153,7 @@ def _cell_text(values: Sequence[float], no_detections: int = 0) -> str:
     return f"{mean:.1f} ± {sd:.1f} ({', '.join(f'{v:.1f}' for v in values)}){mark}"
 
 
-def table_lines(aps: Dict, imbalance: Dict, empty: Dict, title: str) -> List[str]:
+def table_lines(aps: Dict, empty: Dict, imbalance: Dict, title: str) -> List[str]:
     header = ["level", "train images", "anchors / image", "fg / image", "bg per fg", "FL γ=2 α=.25",
               "CE α=.75", "FL − CE (± s.e.)", "CE α=.5", "CE α=.9"]
     lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -204,17 +212,18 @@ def main(argv: Sequence[str] = None) -> Dict:
     if not args.report_only:
         for cell in cells(args.seeds, args.extreme_seeds, args.levels):
             run_cell(args.output_dir, *cell)
-    todo = cells(args.seeds, args.extreme_seeds)
-    aps, imbalance, empty = collect(args.output_dir, todo)
+    done = finished(args.output_dir, cells(args.seeds, args.extreme_seeds))
+    imbalance = level_imbalances(done)
+    aps, empty = collect(done)
     command = "python tools/imbalance_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = table_lines(aps, imbalance, empty, f"Made by `{command}`. AP on `retina_focal_shapes_val`: mean ± "
+    lines = table_lines(aps, empty, imbalance, f"Made by `{command}`. AP on `retina_focal_shapes_val`: mean ± "
                         "sample s.d. (runs); a run without a detection above the score threshold counts as 0.")
     series = {"score threshold 0.05 (paper; no detection = 0 AP)": aps}
     if args.score_thresh is not None:
-        rescored = collect(args.output_dir, todo, partial(rescored_ap, score_thresh=args.score_thresh))
-        lines += [""] + table_lines(*rescored, f"The same models with MODEL.RETINANET.SCORE_THRESH_TEST "
-                                    f"{args.score_thresh:g} (the paper's: 0.05):")
-        series[f"score threshold {args.score_thresh:g}"] = rescored[0]
+        rescored, rescored_empty = collect(done, partial(rescored_ap, score_thresh=args.score_thresh))
+        lines += [""] + table_lines(rescored, rescored_empty, imbalance, f"The same models with "
+                                    f"MODEL.RETINANET.SCORE_THRESH_TEST {args.score_thresh:g} (the paper's: 0.05):")
+        series[f"score threshold {args.score_thresh:g}"] = rescored
     table = args.table or os.path.join(args.output_dir, "imbalance.md")
     os.makedirs(os.path.dirname(table) or ".", exist_ok=True)
     with open(table, "w") as f:
