@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The imbalance study: the focal loss against α-balanced CE as background anchors per
-foreground anchor grow from ~1:150 to ~1:3,900 (docs/ablations_shapes.md).
+foreground anchor grow from ~1:150 to ~1:5,300 (docs/ablations_shapes.md).
 
     python tools/imbalance_study.py --output-dir output/imbalance --score-thresh 0 \\
         --figure docs/figures/imbalance_fl_minus_ce.png

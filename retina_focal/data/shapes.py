@@ -47,7 +47,7 @@ _GENERATOR_VERSION = 2  # bump when drawing changes, so caches are rebuilt
 DEMO_NUM_TRAIN, DEMO_NUM_VAL = 2000, 200
 # level name -> training images per demo training image; the extra ones hold no object.
 # At 128 px (3,069 anchors, ~21 foreground per demo image) the training batches measure
-# 1:144, 1:532, 1:1,276 and 1:4,967 background per foreground anchor (docs/ablations_shapes.md);
+# 1:144, 1:542, 1:1,206 and 1:5,320 background per foreground anchor (docs/ablations_shapes.md);
 # the last is the paper's COCO regime (~100k anchors per image, a handful foreground, §1).
 IMBALANCE_LEVELS = {"x1": 1, "x4": 4, "x10": 10, "x22": 22}
 
