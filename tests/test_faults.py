@@ -90,16 +90,19 @@ def _state_and_parent(pid):
     return state, int(ppid)
 
 
-def _running(pid):
-    """Whether ``pid`` still runs: a zombie has ended (its /proc entry waits for a reaper)."""
-    stat = _state_and_parent(pid)
+def _is_live(stat):
+    """A zombie has ended: its /proc entry only waits for a reaper."""
     return stat is not None and stat[0] != "Z"
+
+
+def _running(pid):
+    return _is_live(_state_and_parent(pid))
 
 
 def _live_children(pid):
     """Processes whose parent is ``pid`` and that are not zombies (Linux /proc)."""
     stats = {int(e): _state_and_parent(e) for e in os.listdir("/proc") if e.isdigit()}
-    return [child for child, st in stats.items() if st is not None and st[0] != "Z" and st[1] == pid]
+    return [child for child, st in stats.items() if _is_live(st) and st[1] == pid]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
