@@ -16,6 +16,16 @@ def _version() -> str:
         return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
+def _config_files() -> list:
+    """Every file below retina_focal/model_zoo/configs, relative to retina_focal/model_zoo."""
+    package = os.path.join(os.path.dirname(os.path.abspath(__file__)), "retina_focal", "model_zoo")
+    return [
+        os.path.relpath(os.path.join(root, name), package)
+        for root, _, names in os.walk(os.path.join(package, "configs"))
+        for name in names
+    ]
+
+
 setup(
     name="retina_focal",
     version=_version(),
@@ -25,6 +35,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.8",
     packages=find_packages(include=["retina_focal", "retina_focal.*"]),
+    # The configs ship inside the package (retina_focal/model_zoo/configs; configs/ links to it),
+    # so retina_focal.model_zoo finds them from any install, as detectron2's model_zoo does.
+    package_data={"retina_focal.model_zoo": _config_files()},
     install_requires=[
         "torch>=1.13",
         "torchvision>=0.14",

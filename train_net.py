@@ -9,8 +9,9 @@
 """
 from detectron2.engine import launch
 
-from retina_focal.engine import RetinaFocalTrainer, argument_parser, evaluate, setup
-from retina_focal.lazy import is_lazy_config, lazy_main
+from retina_focal.engine.trainer import RetinaFocalTrainer
+from retina_focal.engine.defaults import argument_parser, evaluate, setup
+from retina_focal.engine.lazy import is_lazy_config, lazy_main
 
 
 def main(args, trainer_cls=RetinaFocalTrainer):

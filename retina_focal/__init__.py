@@ -9,26 +9,30 @@ heads ``RetinaFocalHead`` and ``RetinaFocalLightHead`` and the losses ``FocalLos
 """
 __version__ = "0.1.0"
 
-from .config import add_retina_focal_config
-from .anchors import RetinaFocalAnchorGenerator
-from .backbone import build_retina_focal_resnet_fpn_backbone
-from .head import RETINA_FOCAL_HEAD_REGISTRY, RetinaFocalHead, RetinaFocalLightHead, build_retina_focal_head
-from .losses import (
+from retina_focal.config import add_retina_focal_config
+from retina_focal.modeling import (
+    RETINA_FOCAL_HEAD_REGISTRY,
     RETINA_FOCAL_LOSS_REGISTRY,
+    EveryGTMatcher,
     FocalLoss,
     FocalLossStar,
     OHEMLoss,
+    RetinaFocal,
+    RetinaFocalAnchorGenerator,
+    RetinaFocalHead,
+    RetinaFocalLightHead,
+    build_anchor_matcher,
+    build_retina_focal_head,
     build_retina_focal_loss,
+    build_retina_focal_resnet_fpn_backbone,
     sigmoid_focal_loss,
 )
-from .matching import EveryGTMatcher, build_anchor_matcher
-from .meta_arch import RetinaFocal
-from .checkpoint import RetinaFocalCheckpointer
-from .evaluation import RetinaFocalCOCOEvaluator, RetinaFocalFastCOCOEvaluator
-from .hooks import ValidationLoss
-from .backends import INFERENCE_BACKEND_REGISTRY, build_inference_model
-from .diagnostics import measure_coverage, propose_anchors
-from . import data  # noqa: F401  (retina_focal.data.register_shapes; train_net registers them)
+from retina_focal.checkpoint import RetinaFocalCheckpointer
+from retina_focal.evaluation import RetinaFocalCOCOEvaluator, RetinaFocalFastCOCOEvaluator
+from retina_focal.engine.hooks import ValidationLoss
+from retina_focal.export.backends import INFERENCE_BACKEND_REGISTRY, build_inference_model
+from retina_focal.diagnostics import measure_coverage, propose_anchors
+from retina_focal import data  # noqa: F401  (retina_focal.data.register_shapes; train_net registers them)
 
 __all__ = [
     "add_retina_focal_config",

@@ -43,82 +43,29 @@ import cv2
 import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
-from detectron2.data import transforms as T
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
-from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 from tqdm import tqdm
 
-from .backends import add_backend_argument, backend_opts, build_inference_model, check_backend_settings
-from .checkpoint import load_inference_weights
-from .data.checks import UnusableImageError, read_usable_image, resize_problem
-from .diagnostics.thresholds import THRESHOLDS_FILE, read_thresholds
-from .engine import load_config
-from .tta import RetinaFocalWithTTA
+from retina_focal.export.backends import (
+    add_backend_argument,
+    backend_opts,
+    check_backend_settings,
+)
+from retina_focal.data.checks import UnusableImageError, read_usable_image, resize_problem
+from retina_focal.diagnostics.thresholds import THRESHOLDS_FILE, read_thresholds
+from retina_focal.config.load import load_config
+from retina_focal.export.predictor import BatchPredictor, model_input  # noqa: F401  (model_input: the old path)
 
-__all__ = [
-    "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "BatchPredictor", "load_model", "model_input", "find_inputs", "predict", "main"
-]
+# BatchPredictor, load_inference_model and model_input live in retina_focal/export/predictor.py;
+# retina_focal.predict.model_input and .BatchPredictor stay importable from here for one release.
+__all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "find_inputs", "predict", "main"]
 
 DEFAULT_CONFIDENCE = 0.3
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg")
 _VIDEO_CODEC = "MJPG"  # written as .avi: OpenCV's pip wheels always have it
-
-
-def load_model(cfg) -> torch.nn.Module:
-    """The model of ``cfg`` in eval mode with ``cfg.MODEL.WEIGHTS`` loaded.
-
-    Raises:
-        FileNotFoundError: MODEL.WEIGHTS is empty or names no file.
-        ValueError: the weights do not fit the config: a model tensor is not in them, or the
-            file is unreadable (RetinaFocalCheckpointer's message).
-    """
-    model = build_model(cfg).eval()
-    load_inference_weights(model, cfg.MODEL.WEIGHTS)
-    return model
-
-
-def model_input(cfg, image_bgr: np.ndarray) -> torch.Tensor:
-    """What detectron2's ``DefaultPredictor`` feeds the model: ``INPUT.FORMAT`` channel order,
-    short side resized to ``INPUT.MIN_SIZE_TEST`` (long side at most ``INPUT.MAX_SIZE_TEST``).
-
-    Args:
-        image_bgr: (H0, W0, 3) uint8 BGR (``read_usable_image``, ``cv2.imread``).
-
-    Returns:
-        (3, H, W) float32, values 0-255.
-    """
-    image = image_bgr[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else image_bgr
-    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    image = resize.get_transform(image).apply_image(image)
-    return torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
-
-
-class BatchPredictor:
-    """detectron2's ``DefaultPredictor`` for a batch: a list of BGR images in, one
-    ``Instances`` per image out, in original-image pixels."""
-
-    def __init__(self, cfg):
-        """Build the model of ``cfg`` and load ``cfg.MODEL.WEIGHTS`` (see :func:`load_model`),
-        run by the backend ``TEST.BACKEND.NAME`` (retina_focal/backends.py); with
-        ``TEST.AUG.ENABLED`` it predicts with test-time augmentation."""
-        self.cfg = cfg
-        self.model = build_inference_model(cfg, load_model(cfg))
-        if cfg.TEST.AUG.ENABLED:
-            self.model = RetinaFocalWithTTA.from_config(cfg, self.model)
-
-    @torch.no_grad()
-    def __call__(self, images: Sequence[np.ndarray]) -> List[Instances]:
-        """
-        Args:
-            images: each (H, W, 3) uint8 BGR, sizes may differ.
-        """
-        inputs = [
-            {"image": model_input(self.cfg, image), "height": image.shape[0], "width": image.shape[1]} for image in images
-        ]
-        return [out["instances"].to("cpu") for out in self.model(inputs)]
 
 
 @dataclass

@@ -269,7 +269,7 @@ def test_empty_weights_are_refused(model_files, tmp_path, capsys):
 
 def test_test_time_augmentation_is_used_when_enabled(model_files, tmp_path):
     from retina_focal.predict import BatchPredictor
-    from retina_focal.tta import RetinaFocalWithTTA
+    from retina_focal.modeling.tta import RetinaFocalWithTTA
 
     image = _images(tmp_path / "in", [(64, 80)])[0]
     assert _run(model_files, [image], tmp_path / "out", "--confidence", "0", "TEST.AUG.ENABLED", "True",

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from retina_focal.testing import matched_results_share
+from retina_focal.utils.testing import matched_results_share
 from tests.conftest import REPO
 
 CONFIG = os.path.join(REPO, "configs", "Shapes-Detection", "retina_focal_R_18_FPN_demo.yaml")
@@ -24,7 +24,7 @@ TINY = [
 
 
 def train(args, script="train_net.py", timeout=300, env=None):
-    """Run ``script`` (train_net.py or tests/fault_train.py) on CONFIG; return the process."""
+    """Run ``script`` (train_net.py or tests/engine/fault_train.py) on CONFIG; return the process."""
     return subprocess.run(
         [sys.executable, os.path.join(REPO, script), "--config-file", CONFIG] + args,
         cwd=REPO, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **(env or {})),

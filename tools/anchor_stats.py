@@ -32,7 +32,7 @@ from retina_focal.diagnostics import (
 from retina_focal.diagnostics.anchor_coverage import random_box_dicts
 from retina_focal.diagnostics.plots import plot_anchor_coverage
 from retina_focal.data import register_config_datasets
-from retina_focal.engine import load_config
+from retina_focal.config.load import load_config
 
 
 def anchor_stats(cfg, dicts: List[Dict], name: str, output: str = "", propose: bool = True) -> Dict:

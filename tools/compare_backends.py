@@ -23,7 +23,7 @@ from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from retina_focal.precision import cpu_description  # noqa: E402
+from retina_focal.utils.cpu import cpu_description  # noqa: E402
 
 AMP = ["TEST.AMP.ENABLED", "True", "TEST.AMP.PRECISION", "bfloat16"]
 BACKENDS = {  # name: (train_net.py flags, config overrides)

@@ -16,8 +16,10 @@ import time
 from detectron2.engine import launch
 from detectron2.utils import comm
 
-from retina_focal.engine import RetinaFocalTrainer, argument_parser, setup
-from retina_focal.visualize import draw_predictions, plot_training_curves
+from retina_focal.utils.comm import unwrap_model
+from retina_focal.engine.trainer import RetinaFocalTrainer
+from retina_focal.engine.defaults import argument_parser, setup
+from retina_focal.utils.visualize import draw_predictions, plot_training_curves
 
 DEFAULT_CONFIG = "configs/Shapes-Detection/retina_focal_R_18_FPN_demo.yaml"
 
@@ -26,7 +28,7 @@ def report(cfg, trainer, results, seconds: float) -> str:
     """Write the curves and pictures; return the "what just happened" paragraph."""
     out = cfg.OUTPUT_DIR
     curves = plot_training_curves(os.path.join(out, "metrics.json"), os.path.join(out, "training_curves.png"))
-    model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+    model = unwrap_model(trainer.model)
     model.eval()
     dataset = cfg.DATASETS.TEST[0]
     with trainer.ema.applied() if trainer.ema is not None else contextlib.nullcontext():  # what was evaluated

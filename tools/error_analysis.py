@@ -33,9 +33,10 @@ from retina_focal.diagnostics import (
 )
 from retina_focal.diagnostics.error_analysis import load_coco_results
 from retina_focal.diagnostics.plots import plot_confusion, plot_precision_recall
-from retina_focal.checkpoint import load_inference_weights
+from retina_focal.export.predictor import load_inference_model
 from retina_focal.data import register_config_datasets
-from retina_focal.engine import RetinaFocalTrainer, load_config
+from retina_focal.engine.trainer import RetinaFocalTrainer
+from retina_focal.config.load import load_config
 
 PR_IOUS = (0.5, 0.75)  # one panel each
 
@@ -43,8 +44,7 @@ PR_IOUS = (0.5, 0.75)  # one panel each
 def run_model(cfg, weights: str, dataset_name: str, eval_dir: str) -> str:
     """Evaluate ``weights`` on ``dataset_name`` with the trainer's evaluator; return the path
     of the ``coco_instances_results.json`` it writes."""
-    model = RetinaFocalTrainer.build_model(cfg)
-    load_inference_weights(model, weights)
+    model = load_inference_model(cfg, weights)
     evaluator = RetinaFocalTrainer.build_evaluator(cfg, dataset_name, output_folder=eval_dir)
     inference_on_dataset(model, RetinaFocalTrainer.build_test_loader(cfg, dataset_name), evaluator)
     return os.path.join(eval_dir, "coco_instances_results.json")

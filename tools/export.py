@@ -27,8 +27,13 @@ import sys
 import cv2
 import numpy as np
 
-from retina_focal.backends import add_backend_argument, backend_opts, build_inference_model, check_backend_settings
-from retina_focal.engine import load_config
+from retina_focal.export.backends import (
+    add_backend_argument,
+    backend_opts,
+    build_inference_model,
+    check_backend_settings,
+)
+from retina_focal.config.load import load_config
 from retina_focal.export import (
     ExportableRetinaFocal,
     export_dynamic_shapes,
@@ -36,7 +41,7 @@ from retina_focal.export import (
     export_program,
     padded_for_export,
 )
-from retina_focal.predict import load_model, model_input
+from retina_focal.export.predictor import load_inference_model, model_input
 
 EXPORTERS = {"pt2": ("model.pt2", export_program), "onnx": ("model.onnx", export_onnx)}
 
@@ -81,7 +86,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config_file, backend + args.opts)
     try:
         check_backend_settings(cfg)
-        model = load_model(cfg)
+        model = load_inference_model(cfg, backend=False)
         sample = model_input(cfg, _sample_image(cfg, args.sample_image))[None]  # (1, 3, H, W)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -38,12 +38,13 @@ from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.detection_utils import build_augmentation, convert_image_to_rgb
 from detectron2.structures import Boxes, pairwise_iou
 
-from retina_focal.checkpoint import load_inference_weights
+from retina_focal.export.predictor import load_inference_model
 from retina_focal.data import register_config_datasets
-from retina_focal.engine import RetinaFocalTrainer, load_config
-from retina_focal.losses import sigmoid_focal_loss, sigmoid_focal_loss_star
-from retina_focal.matching import AnchorAssignment
-from retina_focal.visualize import new_figure, save_figure
+from retina_focal.engine.trainer import RetinaFocalTrainer
+from retina_focal.config.load import load_config
+from retina_focal.modeling.losses import sigmoid_focal_loss, sigmoid_focal_loss_star
+from retina_focal.modeling.matching import AnchorAssignment
+from retina_focal.utils.visualize import new_figure, save_figure
 
 PAPER_GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)  # the γ of Figures 1 and 4
 BATCH_SIZE = 8  # images per forward pass in fig4
@@ -134,10 +135,9 @@ def load_cfg(config_file: str, opts: Sequence[str] = ()):
 def load_model(cfg, weights: str = ""):
     """The model of ``cfg`` in eval mode, with ``weights`` loaded if given (all of its tensors
     must be in them)."""
-    model = RetinaFocalTrainer.build_model(cfg)
     if weights:
-        load_inference_weights(model, weights)
-    return model.eval()
+        return load_inference_model(cfg, weights, backend=False)
+    return RetinaFocalTrainer.build_model(cfg).eval()
 
 
 def labelled_mapper(cfg) -> DatasetMapper:

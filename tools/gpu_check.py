@@ -36,9 +36,10 @@ from detectron2.engine import SimpleTrainer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-from retina_focal.engine import load_config  # noqa: E402
-from retina_focal.precision import MixedPrecisionTrainer, cpu_description  # noqa: E402
-from retina_focal.testing import (  # noqa: E402
+from retina_focal.config.load import load_config  # noqa: E402
+from retina_focal.engine.amp import MixedPrecisionTrainer
+from retina_focal.utils.cpu import cpu_description  # noqa: E402
+from retina_focal.utils.testing import (
     build_detectron2_twin,
     make_detections_nontrivial,
     paired_detection_rows,

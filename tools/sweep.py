@@ -32,7 +32,7 @@ sys.path.insert(0, REPO)
 
 from detectron2.config import CfgNode  # noqa: E402
 
-from retina_focal.engine import load_config  # noqa: E402
+from retina_focal.config.load import load_config  # noqa: E402
 
 PAPER_RESULTS = os.path.join(REPO, "configs", "Ablations", "paper_results.csv")
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")

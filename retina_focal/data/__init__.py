@@ -1,6 +1,6 @@
 """Datasets (built-in shapes, and COCO / VOC / CSV specs named on the command line), data
 checks and the resumable training stream."""
-from .checks import (
+from retina_focal.data.checks import (
     check_dataset_dicts,
     check_num_classes,
     check_same_classes,
@@ -8,7 +8,7 @@ from .checks import (
     drop_unusable_images,
     image_check_args,
 )
-from .formats import (
+from retina_focal.data.formats import (
     DatasetSpec,
     coco_json_for_evaluation,
     dataset_folder_name,
@@ -16,8 +16,14 @@ from .formats import (
     register_dataset,
     resolve_num_classes,
 )
-from .shapes import IMBALANCE_LEVELS, SHAPE_CLASSES, register_builtin_shapes, register_imbalance_level, register_shapes
-from .train_stream import ResumableTrainLoader, build_resumable_train_loader
+from retina_focal.data.shapes import (
+    IMBALANCE_LEVELS,
+    SHAPE_CLASSES,
+    register_builtin_shapes,
+    register_imbalance_level,
+    register_shapes,
+)
+from retina_focal.data.train_stream import ResumableTrainLoader, build_resumable_train_loader
 
 __all__ = [
     "SHAPE_CLASSES",

@@ -20,24 +20,21 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
 from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data.detection_utils import read_image
 from detectron2.data.transforms import ResizeShortestEdge
-from detectron2.structures import BoxMode, Instances
+from detectron2.structures import BoxMode
 from detectron2.utils import comm
-from detectron2.utils.logger import log_first_n
 from PIL import Image
+
+from retina_focal.modeling.input_checks import image_name
 
 __all__ = [
     "IMAGE_CHECKS",
     "check_dataset_dicts",
-    "check_gt_instances",
     "check_num_classes",
     "check_same_classes",
-    "check_training_inputs",
     "checked_dataset_dicts",
-    "drop_empty_boxes",
     "drop_unusable_images",
     "UnusableImageError",
     "image_file_problem",
@@ -99,10 +96,6 @@ def _is_zero_area(ann: Dict) -> bool:
     return x2 == x1 or y2 == y1
 
 
-def _image_name(record: Dict) -> str:
-    return f"image_id={record.get('image_id')!r} ({record.get('file_name', 'no file_name')})"
-
-
 def check_dataset_dicts(dicts: List[Dict], num_classes: int, dataset_names: Sequence[str] = ()) -> None:
     """Raise a ValueError listing invalid annotations; log how many boxes have zero area.
 
@@ -120,7 +113,7 @@ def check_dataset_dicts(dicts: List[Dict], num_classes: int, dataset_names: Sequ
                 continue
             problem = _annotation_problem(ann, num_classes)
             if problem is not None:
-                problems.append(f"{_image_name(record)} annotation {i}: {problem}")
+                problems.append(f"{image_name(record)} annotation {i}: {problem}")
             elif _is_zero_area(ann):
                 zero_area += 1
     where = f"dataset(s) {list(dataset_names)}" if dataset_names else "the training data"
@@ -130,54 +123,6 @@ def check_dataset_dicts(dicts: List[Dict], num_classes: int, dataset_names: Sequ
         raise ValueError(f"{len(problems)} invalid annotation(s) in {where}:\n  {listed}{more}")
     if zero_area:
         logger.warning(f"{zero_area} box(es) of zero width or height in {where} will be dropped")
-
-
-def check_training_inputs(batched_inputs: List[Dict], num_classes: int) -> None:
-    """Raise if a training batch has no "instances" or invalid ground truth
-    (:func:`check_gt_instances`); the model calls this before its forward pass."""
-    if any("instances" not in x for x in batched_inputs):
-        raise ValueError("RetinaFocal is in training mode but the inputs have no 'instances'")
-    check_gt_instances([x["instances"] for x in batched_inputs], num_classes, batched_inputs)
-
-
-def drop_empty_boxes(gt_instances: List[Instances]) -> List[Instances]:
-    """Remove boxes of zero width or height, as detectron2's DatasetMapper does (a box that
-    overlaps no anchor would make the matcher's low-quality rule mark every anchor foreground).
-    One device synchronization per batch."""
-    keeps = [x.gt_boxes.nonempty() for x in gt_instances]
-    num_dropped = int(sum((~keep).sum() for keep in keeps))
-    if num_dropped == 0:
-        return gt_instances
-    log_first_n(logging.WARNING, f"Dropped {num_dropped} ground-truth box(es) of zero area", n=5)
-    return [x[keep] for x, keep in zip(gt_instances, keeps)]
-
-
-def check_gt_instances(gt_instances: List[Instances], num_classes: int, batched_inputs: List[Dict]) -> None:
-    """The same checks on a training batch, for data that bypass :func:`check_dataset_dicts`
-    (custom loaders or mappers). One device synchronization per batch.
-
-    Args:
-        gt_instances (list[Instances]): per image, ``gt_boxes`` (XYXY) and ``gt_classes``.
-        num_classes (int): K.
-        batched_inputs (list[dict]): the model inputs, for the image names.
-    """
-    classes = torch.cat([x.gt_classes for x in gt_instances])  # (G,) over the batch
-    boxes = torch.cat([x.gt_boxes.tensor for x in gt_instances])  # (G, 4)
-    regions = torch.cat([x.gt_ignore if x.has("gt_ignore") else torch.zeros(len(x), dtype=torch.bool) for x in gt_instances])
-    bad = (~regions & ((classes < 0) | (classes >= num_classes))) | ~torch.isfinite(boxes).all(dim=1)
-    bad |= (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-    if not bad.any():
-        return
-    first = int(bad.nonzero()[0])
-    for image, instances in enumerate(gt_instances):
-        if first < len(instances):
-            break
-        first -= len(instances)
-    raise ValueError(
-        f"Ground truth of {_image_name(batched_inputs[image])}, instance {first}: class "
-        f"{int(instances.gt_classes[first])} (valid: 0..{num_classes - 1}), box "
-        f"{instances.gt_boxes.tensor[first].tolist()} (must be finite with x1 <= x2, y1 <= y2)"
-    )
 
 
 # DATALOADER.CHECK_IMAGES: "quick" reads each file's header and its last bytes (a truncated

@@ -1,7 +1,8 @@
-"""Diagnostics (docs/diagnostics.md): anchor coverage of a dataset, assignment metrics logged
-during training, and error analysis after evaluation. The figures are in
+"""Diagnostics (docs/diagnostics.md): anchor coverage of a dataset and error analysis after
+evaluation (the assignment metrics logged during training are the model's:
+``retina_focal.modeling.assignment_metrics``). The figures are in
 ``retina_focal.diagnostics.plots`` (imported on demand: it loads matplotlib)."""
-from .anchor_coverage import (
+from retina_focal.diagnostics.anchor_coverage import (
     AnchorCoverage,
     AnchorGrid,
     anchor_config_lines,
@@ -10,8 +11,7 @@ from .anchor_coverage import (
     propose_anchors,
     with_anchors,
 )
-from .assignment import log_assignment_metrics
-from .error_analysis import (
+from retina_focal.diagnostics.error_analysis import (
     coco_evaluation,
     confusion_table,
     detections_from_coco_results,
@@ -29,7 +29,6 @@ __all__ = [
     "coverage_table",
     "propose_anchors",
     "with_anchors",
-    "log_assignment_metrics",
     "coco_evaluation",
     "confusion_table",
     "detections_from_coco_results",

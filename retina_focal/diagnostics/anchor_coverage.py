@@ -36,8 +36,7 @@ from detectron2.modeling import build_backbone
 from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
 
-from ..matching import build_anchor_matcher, foreground_counts
-from .assignment import foreground_iou_threshold
+from retina_focal.modeling.matching import anchor_matcher_from_config, foreground_counts, foreground_iou_threshold
 
 __all__ = [
     "fit_anchors",
@@ -244,14 +243,8 @@ def _shape(gt: GroundTruthBoxes) -> Tuple[np.ndarray, np.ndarray]:
 
 def _iou_thresholds(cfg: CfgNode) -> Tuple[float, float]:
     """(background below, foreground from) of ``MODEL.RETINANET.IOU_THRESHOLDS``/``IOU_LABELS``."""
-    matcher = _matcher(cfg)
+    matcher = anchor_matcher_from_config(cfg)
     return min(cfg.MODEL.RETINANET.IOU_THRESHOLDS), foreground_iou_threshold(matcher)
-
-
-def _matcher(cfg: CfgNode):
-    return build_anchor_matcher(
-        cfg.MODEL.RETINANET.IOU_THRESHOLDS, cfg.MODEL.RETINANET.IOU_LABELS, every_gt=cfg.MODEL.RETINA_FOCAL.MATCH_EVERY_GT
-    )
 
 
 def measure_coverage(cfg: CfgNode, dataset_dicts: Sequence[Dict], grid: Optional[AnchorGrid] = None) -> AnchorCoverage:
@@ -264,7 +257,7 @@ def measure_coverage(cfg: CfgNode, dataset_dicts: Sequence[Dict], grid: Optional
     """
     grid = grid or AnchorGrid(cfg)
     gt = resized_ground_truth(dataset_dicts, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-    best_iou, fg_per_level = _match(grid, gt, _matcher(cfg))
+    best_iou, fg_per_level = _match(grid, gt, anchor_matcher_from_config(cfg))
     side, aspect = _shape(gt)
     anchors = cfg.MODEL.ANCHOR_GENERATOR
     return AnchorCoverage(

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from detectron2.structures import Boxes, pairwise_iou
 
-from .error_analysis import ImageBoxes
+from retina_focal.diagnostics.error_analysis import ImageBoxes
 
 __all__ = ["THRESHOLDS_FILE", "ClassThreshold", "read_thresholds", "scores_at_threshold", "tune_thresholds", "write_thresholds"]
 

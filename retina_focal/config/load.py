@@ -1,0 +1,65 @@
+"""Loading a config: detectron2's defaults, ``MODEL.RETINA_FOCAL``, the file and the
+overrides; then what the datasets decide (the dataset specs registered, ``NUM_CLASSES 0``
+resolved, class-balanced α)."""
+import logging
+from typing import List, Optional, Sequence, Tuple
+
+
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import (
+    get_detection_dataset_dicts,
+)
+
+from retina_focal.config.defaults import add_retina_focal_config
+from retina_focal.model_zoo.model_zoo import find_config_file
+from retina_focal.modeling.losses import class_balanced_alpha
+from retina_focal.data import (
+    register_builtin_shapes,
+    register_config_datasets,
+    resolve_num_classes,
+)
+
+
+__all__ = ["config_and_notes", "load_config"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_config(config_file: str, opts: Sequence = ()) -> CfgNode:
+    """detectron2's defaults + ``MODEL.RETINA_FOCAL`` + ``config_file`` (a path, or the name of
+    a packaged config: ``retina_focal.model_zoo``) + ``KEY VALUE``
+    overrides, not frozen. Registers the built-in shapes datasets and the dataset specs
+    (``coco:``, ``voc:``, ``csv:``, retina_focal/data/formats.py) the config names, and
+    resolves ``MODEL.RETINANET.NUM_CLASSES 0`` to the training set's number of classes."""
+    cfg, notes = config_and_notes(config_file, opts)
+    for note in notes:
+        logger.info(note)
+    return cfg
+
+
+def config_and_notes(config_file: str, opts: Sequence = ()) -> Tuple[CfgNode, List[str]]:
+    """:func:`load_config`'s config, and what it registered and resolved (for the log)."""
+    register_builtin_shapes()
+    cfg = get_cfg()
+    add_retina_focal_config(cfg)
+    cfg.merge_from_file(find_config_file(config_file))
+    cfg.merge_from_list(list(opts))
+    notes = register_config_datasets(cfg)
+    notes.append(resolve_num_classes(cfg))
+    notes.append(_resolve_class_balanced_alpha(cfg))
+    return cfg, [n for n in notes if n]
+
+
+def _resolve_class_balanced_alpha(cfg) -> Optional[str]:
+    """``LOSS.CLASS_BALANCED_BETA`` > 0 with an empty ``CLASS_ALPHA``: set ``CLASS_ALPHA`` from
+    the training boxes per class (``losses.class_balanced_alpha``); returns the log line."""
+    beta, loss_cfg = cfg.MODEL.RETINA_FOCAL.LOSS.CLASS_BALANCED_BETA, cfg.MODEL.RETINA_FOCAL.LOSS
+    if beta == 0 or loss_cfg.CLASS_ALPHA:
+        return None
+    counts = [0] * cfg.MODEL.RETINANET.NUM_CLASSES
+    for record in get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False):
+        for ann in record.get("annotations", []):
+            if not ann.get("iscrowd", 0) and 0 <= ann["category_id"] < len(counts):
+                counts[ann["category_id"]] += 1
+    loss_cfg.CLASS_ALPHA = class_balanced_alpha(counts, cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA, beta)
+    return f"LOSS.CLASS_BALANCED_BETA {beta}: boxes per class {counts} -> CLASS_ALPHA {list(loss_cfg.CLASS_ALPHA)}"

@@ -1,0 +1,101 @@
+"""Speed transforms of RetinaFocal's layers that change its results by float rounding only.
+
+Applied in one place, :func:`apply_speed_transforms` (the last step of building RetinaFocal);
+each has a key that turns it off and is tested against the plain path
+(``tests/modeling/test_fast_layers.py``; with all of them and ``FAST_POSTPROCESS`` off,
+detections are detectron2's bit for bit):
+
+* ``MODEL.RETINA_FOCAL.FOLD_FROZEN_BN``: every convolution followed by a frozen BatchNorm
+  (``MODEL.RESNETS.NORM: FrozenBN``, ImageNet statistics) runs as one convolution
+  (:class:`FrozenBNFoldedConv2d`): one pass over the activations instead of two;
+* ``MODEL.RETINA_FOCAL.CHANNELS_LAST``: backbone and head in the NHWC memory format, which
+  oneDNN (CPU) and tensor cores (GPU) prefer; the head's outputs need no transposing copy.
+
+The third speed key, ``FAST_POSTPROCESS``, is a choice of post-processing
+(retina_focal/modeling/postprocess.py). Mixed precision (``SOLVER.AMP`` / ``TEST.AMP``,
+retina_focal/modeling/precision.py) changes the numerics beyond rounding and is chosen per
+run, not here. The anchor generator's cache of grid anchors (retina_focal/modeling/anchors.py)
+returns the same tensors it would compute.
+"""
+from typing import Tuple
+
+import torch
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = ["FrozenBNFoldedConv2d", "apply_speed_transforms", "fold_frozen_batchnorm", "to_channels_last"]
+
+
+class FrozenBNFoldedConv2d(Conv2d):
+    """detectron2's ``Conv2d`` with a ``FrozenBatchNorm2d`` norm, computed as one convolution:
+    BN(W * x + b) = (s·W) * x + s·b + (β - s·μ) with s = γ / sqrt(σ² + ε) per output channel.
+    The scale is applied to the weight (C_out x C_in x k x k values) instead of the activations,
+    and gradients reach ``weight`` through it. Parameters, buffers and state-dict keys are those
+    of the ``Conv2d`` it replaces (:meth:`replacing`); only float rounding differs."""
+
+    @classmethod
+    def replacing(cls, conv: Conv2d) -> "FrozenBNFoldedConv2d":
+        """A folded conv that holds ``conv``'s own parameters, norm and activation."""
+        folded = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            norm=conv.norm,
+            activation=conv.activation,
+        )
+        folded.weight, folded.bias = conv.weight, conv.bias  # the same Parameters: optimizers, checkpoints
+        return folded
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm = self.norm
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # (C_out,)
+        bias = norm.bias - norm.running_mean * scale
+        if self.bias is not None:
+            bias = bias + self.bias * scale
+        x = F.conv2d(x, self.weight * scale.view(-1, 1, 1, 1), bias, self.stride, self.padding, self.dilation, self.groups)
+        return x if self.activation is None else self.activation(x)
+
+
+def fold_frozen_batchnorm(module: nn.Module) -> int:
+    """Replace every detectron2 ``Conv2d`` below ``module`` whose norm is a
+    ``FrozenBatchNorm2d`` with a :class:`FrozenBNFoldedConv2d` holding the same parameters
+    (same state-dict keys). Returns how many were replaced."""
+    targets = [
+        (parent, name, child)
+        for parent in module.modules()
+        for name, child in parent.named_children()
+        if type(child) is Conv2d and isinstance(child.norm, FrozenBatchNorm2d)
+    ]
+    for parent, name, child in targets:
+        setattr(parent, name, FrozenBNFoldedConv2d.replacing(child))
+    return len(targets)
+
+
+def _to_channels_last(_module: nn.Module, args: Tuple) -> Tuple:
+    """Forward pre-hook: the input image batch (N, C, H, W) in the channels-last layout."""
+    return (args[0].contiguous(memory_format=torch.channels_last),) + tuple(args[1:])
+
+
+def to_channels_last(backbone: nn.Module, head: nn.Module) -> None:
+    """Backbone and head weights in the channels-last layout, and the backbone's input
+    converted to it on every call (a forward pre-hook); the features it passes to the head
+    are then channels-last too."""
+    backbone.to(memory_format=torch.channels_last)
+    head.to(memory_format=torch.channels_last)
+    backbone.register_forward_pre_hook(_to_channels_last)
+
+
+def apply_speed_transforms(backbone: nn.Module, head: nn.Module, *, fold_frozen_bn: bool, channels_last: bool) -> None:
+    """The module transforms of this file, in place (``FAST_POSTPROCESS`` is a choice of
+    RetinaFocal's ``inference``)."""
+    if fold_frozen_bn:
+        fold_frozen_batchnorm(backbone)
+    if channels_last:
+        to_channels_last(backbone, head)

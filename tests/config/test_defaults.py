@@ -1,0 +1,65 @@
+"""Bad config values fail at build time naming the key; ignored keys get a warning."""
+import logging
+
+import pytest
+
+from retina_focal.config.defaults import warn_ignored_settings
+from retina_focal.engine.trainer import RetinaFocalTrainer
+from retina_focal.modeling.matching import EveryGTMatcher
+from tests.conftest import small_cfg
+
+
+@pytest.mark.parametrize(
+    "opts, error, message",
+    [
+        (["MODEL.RETINA_FOCAL.HEAD_NAME", "NoSuchHead"], KeyError, r"HEAD_NAME='NoSuchHead'.*RetinaFocalHead"),
+        (["MODEL.RETINA_FOCAL.LOSS.NAME", "NoSuchLoss"], KeyError, r"LOSS.NAME='NoSuchLoss'.*FocalLoss"),
+        (["MODEL.RETINANET.IOU_THRESHOLDS", [0.5, 0.4]], ValueError, r"IOU_THRESHOLDS.*\[0.5, 0.4\]"),
+        (["MODEL.RETINANET.IOU_THRESHOLDS", [0.4, 1.5]], ValueError, r"IOU_THRESHOLDS.*1.5"),
+        (["MODEL.RETINANET.IOU_LABELS", [0, 1]], ValueError, r"IOU_LABELS"),
+        (["MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64]]], ValueError, r"ANCHOR_GENERATOR.SIZES has 2 lists.*5"),
+        (["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[0.5, -1.0]]], ValueError, r"ASPECT_RATIOS.*positive"),
+        (["MODEL.ANCHOR_GENERATOR.SIZES", [[0]]], ValueError, r"SIZES.*positive"),
+        (["MODEL.RETINANET.FOCAL_LOSS_GAMMA", -1.0], ValueError, r"FOCAL_LOSS_GAMMA.*-1.0"),
+        (["MODEL.RETINANET.FOCAL_LOSS_ALPHA", 1.5], ValueError, r"FOCAL_LOSS_ALPHA.*negative to turn.*1.5"),
+        (["MODEL.RETINANET.PRIOR_PROB", 1.0], ValueError, r"PRIOR_PROB.*\(0, 1\)"),
+        (["MODEL.RETINANET.NUM_CLASSES", 0], ValueError, r"NUM_CLASSES must be >= 1, got 0"),
+        (["MODEL.RETINANET.IN_FEATURES", ["p3", "p9"]], ValueError, r"IN_FEATURES names \['p9'\]"),
+    ],
+)
+def test_bad_values_fail_at_build_time_naming_the_key(opts, error, message):
+    with pytest.raises(error, match=message):
+        RetinaFocalTrainer.build_model(small_cfg(*opts))
+
+
+def test_negative_alpha_turns_weighting_off_as_documented():
+    model = RetinaFocalTrainer.build_model(small_cfg("MODEL.RETINANET.FOCAL_LOSS_ALPHA", -1.0))
+    assert model.cls_loss.alpha == -1.0
+
+
+@pytest.mark.parametrize(
+    "opts, expected",
+    [
+        (["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.5], "MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.5 has no effect on RetinaFocal; set MODEL.RETINANET.SCORE_THRESH_TEST (now 0.05)"),
+        (["MODEL.ROI_HEADS.NUM_CLASSES", 7], "MODEL.ROI_HEADS.NUM_CLASSES=7 has no effect on RetinaFocal; set MODEL.RETINANET.NUM_CLASSES (now 3)"),
+        (["MODEL.ROI_HEADS.NMS_THRESH_TEST", 0.3], "set MODEL.RETINANET.NMS_THRESH_TEST"),
+        (["MODEL.MASK_ON", True], "MODEL.MASK_ON=True has no effect: RetinaFocal predicts boxes only"),
+    ],
+)
+def test_settings_without_effect_get_a_warning_naming_the_key_to_use(opts, expected, caplog):
+    with caplog.at_level(logging.WARNING, logger="retina_focal.config.defaults"):
+        warn_ignored_settings(small_cfg(*opts))
+    assert expected in caplog.text
+
+
+def test_no_warning_for_untouched_or_consistent_settings(caplog):
+    cfg = small_cfg("MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.05)
+    with caplog.at_level(logging.WARNING, logger="retina_focal.config.defaults"):
+        warn_ignored_settings(cfg)
+    assert [r.message for r in caplog.records if r.name == "retina_focal.config.defaults"] == []
+
+
+def test_match_every_gt_selects_the_repairing_matcher():
+    assert not isinstance(RetinaFocalTrainer.build_model(small_cfg()).anchor_matcher, EveryGTMatcher)
+    model = RetinaFocalTrainer.build_model(small_cfg("MODEL.RETINA_FOCAL.MATCH_EVERY_GT", True))
+    assert isinstance(model.anchor_matcher, EveryGTMatcher)

@@ -1,0 +1,71 @@
+"""RetinaFocalTrainer in-process: non-finite loss report, linear LR/batch rescaling."""
+import glob
+import json
+import logging
+import os
+
+import pytest
+from detectron2.utils.events import get_event_storage
+
+from retina_focal.engine.non_finite import NonFiniteLossError
+from retina_focal.engine.trainer import RetinaFocalTrainer
+from retina_focal.config.load import load_config
+from tests.conftest import REPO
+
+DEMO = os.path.join(REPO, "configs", "Shapes-Detection", "retina_focal_R_18_FPN_demo.yaml")
+COCO_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "COCO-Detection", "*.yaml")))
+
+
+def test_non_finite_loss_names_iteration_term_levels_and_checkpoint(tmp_path):
+    cfg = load_config(DEMO, [
+        "OUTPUT_DIR", str(tmp_path),
+        "DATASETS.TRAIN", ("retina_focal_shapes_tiny_train",), "DATASETS.TEST", (),
+        "SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 2,
+    ])
+    trainer = RetinaFocalTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    focal_loss = trainer.model.cls_loss.forward
+
+    def nan_from_iteration_3(*args, **kwargs):
+        loss = focal_loss(*args, **kwargs)
+        return loss * float("nan") if get_event_storage().iter >= 3 else loss
+
+    trainer.model.cls_loss.forward = nan_from_iteration_3
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.train()
+    message = str(info.value)
+    report_path = os.path.join(str(tmp_path), "non_finite_loss_iter_0000003.json")
+    assert "Non-finite loss at iteration 3: loss_cls (levels p3, p4, p5, p6, p7)" in message
+    assert os.path.join(str(tmp_path), "model_0000001.pth") in message and "--resume" in message
+    assert report_path in message
+    with open(report_path) as f:
+        report = json.load(f)
+    assert report["iteration"] == 3
+    assert len(report["images"]) == 2 and all(x["image_id"] is not None for x in report["images"])
+    assert set(report["loss_per_level"]) == {"loss_cls", "loss_box_reg"}
+    assert set(report["loss_per_level"]["loss_box_reg"]) == {"p3", "p4", "p5", "p6", "p7"}
+    assert report["learning_rate"] and report["grad_norm"] is not None
+
+
+@pytest.mark.parametrize("path", COCO_CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("num_gpus", [1, 2, 8, 16])
+def test_fewer_gpus_scale_lr_batch_and_schedule_linearly(path, num_gpus, caplog):
+    cfg = load_config(path)
+    assert cfg.SOLVER.REFERENCE_WORLD_SIZE == 8
+    with caplog.at_level(logging.INFO):
+        scaled = RetinaFocalTrainer.auto_scale_workers(cfg, num_gpus)
+    k = num_gpus / 8
+    assert scaled.SOLVER.IMS_PER_BATCH == 16 * k == 2 * num_gpus
+    assert scaled.SOLVER.BASE_LR == pytest.approx(cfg.SOLVER.BASE_LR * k)
+    assert scaled.SOLVER.MAX_ITER == round(cfg.SOLVER.MAX_ITER / k)
+    assert scaled.SOLVER.STEPS == tuple(round(s / k) for s in cfg.SOLVER.STEPS)
+    assert scaled.SOLVER.WARMUP_ITERS == round(cfg.SOLVER.WARMUP_ITERS / k)
+    # the product LR x iterations (the total step budget) does not change
+    assert scaled.SOLVER.BASE_LR * scaled.SOLVER.MAX_ITER == pytest.approx(cfg.SOLVER.BASE_LR * cfg.SOLVER.MAX_ITER, rel=1e-4)
+    if num_gpus != 8:
+        assert f"Auto-scaling the config to batch_size={2 * num_gpus}" in caplog.text
+
+
+def test_demo_config_is_not_rescaled():
+    cfg = load_config(DEMO)
+    assert RetinaFocalTrainer.auto_scale_workers(cfg, 2).SOLVER.BASE_LR == cfg.SOLVER.BASE_LR
