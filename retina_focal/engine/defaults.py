@@ -4,18 +4,17 @@ import logging
 import os
 
 import torch
-
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from retina_focal.config.load import config_and_notes
+from retina_focal.diagnostics.anchor_coverage import fit_anchors
+from retina_focal.engine.launch import end_with_launcher
 from retina_focal.engine.trainer import RetinaFocalTrainer
 from retina_focal.export.backends import add_backend_argument, backend_opts
 from retina_focal.export.predictor import load_inference_model
 from retina_focal.model_zoo import find_config_file
-from retina_focal.diagnostics.anchor_coverage import fit_anchors
-
 
 __all__ = ["argument_parser", "evaluate", "setup"]
 
@@ -39,7 +38,9 @@ def setup(args):
     """Build the frozen cfg from ``--config-file`` and trailing ``KEY VALUE`` overrides
     (and, with ``--fit-anchors``, anchors fitted to the training boxes). ``--config-file`` may
     name a packaged config (``retina_focal.model_zoo``); ``args.config_file`` becomes its path,
-    which detectron2's ``default_setup`` copies into the log."""
+    which detectron2's ``default_setup`` copies into the log. A worker of a multi-process run
+    ends with its launcher (:func:`retina_focal.engine.launch.end_with_launcher`)."""
+    end_with_launcher()
     args.config_file = find_config_file(args.config_file)
     cfg, notes = config_and_notes(args.config_file, backend_opts(args) + list(args.opts))
     if getattr(args, "fit_anchors", False):

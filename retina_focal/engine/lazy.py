@@ -25,8 +25,13 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from retina_focal.checkpoint import RetinaFocalCheckpointer
-from retina_focal.data import coco_json_for_evaluation, register_builtin_shapes, register_dataset
+from retina_focal.data import (
+    coco_json_for_evaluation,
+    register_builtin_shapes,
+    register_dataset,
+)
 from retina_focal.engine.amp import build_step_trainer
+from retina_focal.engine.launch import end_with_launcher
 from retina_focal.export.predictor import inference_model
 from retina_focal.model_zoo.model_zoo import find_config_file
 
@@ -53,6 +58,7 @@ def lazy_setup(args):
         raise ValueError("--fit-anchors needs a .yaml config (it writes MODEL.ANCHOR_GENERATOR keys)")
     if getattr(args, "backend", None):
         raise ValueError("--backend needs a .yaml config (it sets TEST.BACKEND keys)")
+    end_with_launcher()
     args.config_file = find_config_file(args.config_file)  # a path, or a packaged config's name
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     register_builtin_shapes()
