@@ -1,4 +1,5 @@
 # The README's two commands are `make demo` and `make test`; both set up .venv first.
+# `make test-fast` leaves out the tests marked slow (the edit loop; `make test` runs all).
 # `make bench` races RetinaFocal against detectron2's RetinaNet (tools/benchmark.py);
 # `make gpu-check` runs the checks that need CUDA (tools/gpu_check.py; exits 0 without CUDA).
 VENV ?= .venv
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 DEMO_CONFIG ?= configs/Shapes-Detection/retina_focal_R_18_FPN_demo.yaml
 DEMO_OPTS ?=
 
-.PHONY: install demo test bench gpu-check
+.PHONY: install demo test test-fast bench gpu-check
 
 install:
 	bash tools/install.sh
@@ -22,3 +23,7 @@ gpu-check: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The edit loop: every test except those marked slow (end-to-end training runs, exports, wheels).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"

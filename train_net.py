@@ -9,9 +9,9 @@
 """
 from detectron2.engine import launch
 
-from retina_focal.engine.trainer import RetinaFocalTrainer
 from retina_focal.engine.defaults import argument_parser, evaluate, setup
 from retina_focal.engine.lazy import is_lazy_config, lazy_main
+from retina_focal.engine.trainer import RetinaFocalTrainer
 
 
 def main(args, trainer_cls=RetinaFocalTrainer):

@@ -9,7 +9,19 @@ heads ``RetinaFocalHead`` and ``RetinaFocalLightHead`` and the losses ``FocalLos
 """
 __version__ = "0.1.0"
 
+from retina_focal import data  # noqa: F401  (retina_focal.data.register_shapes; train_net registers them)
+from retina_focal.checkpoint import RetinaFocalCheckpointer
 from retina_focal.config import add_retina_focal_config
+from retina_focal.diagnostics import measure_coverage, propose_anchors
+from retina_focal.engine.hooks import ValidationLoss
+from retina_focal.evaluation import (
+    RetinaFocalCOCOEvaluator,
+    RetinaFocalFastCOCOEvaluator,
+)
+from retina_focal.export.backends import (
+    INFERENCE_BACKEND_REGISTRY,
+    build_inference_model,
+)
 from retina_focal.modeling import (
     RETINA_FOCAL_HEAD_REGISTRY,
     RETINA_FOCAL_LOSS_REGISTRY,
@@ -27,12 +39,6 @@ from retina_focal.modeling import (
     build_retina_focal_resnet_fpn_backbone,
     sigmoid_focal_loss,
 )
-from retina_focal.checkpoint import RetinaFocalCheckpointer
-from retina_focal.evaluation import RetinaFocalCOCOEvaluator, RetinaFocalFastCOCOEvaluator
-from retina_focal.engine.hooks import ValidationLoss
-from retina_focal.export.backends import INFERENCE_BACKEND_REGISTRY, build_inference_model
-from retina_focal.diagnostics import measure_coverage, propose_anchors
-from retina_focal import data  # noqa: F401  (retina_focal.data.register_shapes; train_net registers them)
 
 __all__ = [
     "add_retina_focal_config",

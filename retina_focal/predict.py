@@ -37,7 +37,17 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import cv2
 import numpy as np
@@ -48,14 +58,18 @@ from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 from tqdm import tqdm
 
+from retina_focal.config.load import load_config
+from retina_focal.data.checks import (
+    UnusableImageError,
+    read_usable_image,
+    resize_problem,
+)
+from retina_focal.diagnostics.thresholds import THRESHOLDS_FILE, read_thresholds
 from retina_focal.export.backends import (
     add_backend_argument,
     backend_opts,
     check_backend_settings,
 )
-from retina_focal.data.checks import UnusableImageError, read_usable_image, resize_problem
-from retina_focal.diagnostics.thresholds import THRESHOLDS_FILE, read_thresholds
-from retina_focal.config.load import load_config
 from retina_focal.export.predictor import BatchPredictor, model_input  # noqa: F401  (model_input: the old path)
 
 # BatchPredictor, load_inference_model and model_input live in retina_focal/export/predictor.py;

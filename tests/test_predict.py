@@ -128,6 +128,7 @@ def test_bad_inputs_are_skipped_with_a_summary(model_files, tmp_path, capsys):
     assert os.path.isfile(tmp_path / "out" / "img0.png")
 
 
+@pytest.mark.slow
 def test_weights_for_another_num_classes_give_a_clear_message(model_files, tmp_path):
     """The command line itself (python -m), with a config of 5 classes and 3-class weights."""
     config, weights, _ = model_files

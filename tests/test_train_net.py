@@ -12,6 +12,8 @@ import torch
 from retina_focal.utils.testing import matched_results_share
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test` runs it, `make test-fast` does not
+
 CONFIG = os.path.join(REPO, "configs", "Shapes-Detection", "retina_focal_R_18_FPN_demo.yaml")
 TINY = [
     "DATASETS.TRAIN", '("retina_focal_shapes_tiny_train",)',

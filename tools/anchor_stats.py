@@ -21,18 +21,18 @@ from typing import Dict, List, Sequence
 
 from detectron2.data import DatasetCatalog
 
+from retina_focal.config.load import load_config
+from retina_focal.data import register_config_datasets
 from retina_focal.diagnostics import (
     AnchorGrid,
     anchor_config_lines,
-    measure_coverage,
     coverage_table,
+    measure_coverage,
     propose_anchors,
     with_anchors,
 )
 from retina_focal.diagnostics.anchor_coverage import random_box_dicts
 from retina_focal.diagnostics.plots import plot_anchor_coverage
-from retina_focal.data import register_config_datasets
-from retina_focal.config.load import load_config
 
 
 def anchor_stats(cfg, dicts: List[Dict], name: str, output: str = "", propose: bool = True) -> Dict:

@@ -58,16 +58,16 @@ from fvcore.nn import sigmoid_focal_loss_jit  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torchvision.ops import sigmoid_focal_loss as torchvision_focal_loss  # noqa: E402
 
-from retina_focal.export.backends import build_inference_model  # noqa: E402
-from retina_focal.engine.ema import ModelEMA  # noqa: E402
 from retina_focal.config.load import load_config  # noqa: E402
+from retina_focal.engine.ema import ModelEMA  # noqa: E402
+from retina_focal.export.backends import build_inference_model  # noqa: E402
 from retina_focal.modeling.losses import FocalLoss, sigmoid_focal_loss  # noqa: E402
 from retina_focal.modeling.precision import amp_dtype, autocast
 from retina_focal.utils.cpu import cpu_description, cpu_has_bf16_kernels  # noqa: E402
 from retina_focal.utils.testing import (
     build_detectron2_twin,
-    paired_detection_rows,
     make_detections_nontrivial,
+    paired_detection_rows,
     random_images,
     synthetic_batch,
 )

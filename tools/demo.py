@@ -16,9 +16,9 @@ import time
 from detectron2.engine import launch
 from detectron2.utils import comm
 
-from retina_focal.utils.comm import unwrap_model
-from retina_focal.engine.trainer import RetinaFocalTrainer
 from retina_focal.engine.defaults import argument_parser, setup
+from retina_focal.engine.trainer import RetinaFocalTrainer
+from retina_focal.utils.comm import unwrap_model
 from retina_focal.utils.visualize import draw_predictions, plot_training_curves
 
 DEFAULT_CONFIG = "configs/Shapes-Detection/retina_focal_R_18_FPN_demo.yaml"

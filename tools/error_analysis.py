@@ -22,6 +22,8 @@ from typing import Dict, Sequence, Tuple
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import inference_on_dataset
 
+from retina_focal.config.load import load_config
+from retina_focal.data import register_config_datasets
 from retina_focal.diagnostics import (
     coco_evaluation,
     confusion_table,
@@ -33,10 +35,8 @@ from retina_focal.diagnostics import (
 )
 from retina_focal.diagnostics.error_analysis import load_coco_results
 from retina_focal.diagnostics.plots import plot_confusion, plot_precision_recall
-from retina_focal.export.predictor import load_inference_model
-from retina_focal.data import register_config_datasets
 from retina_focal.engine.trainer import RetinaFocalTrainer
-from retina_focal.config.load import load_config
+from retina_focal.export.predictor import load_inference_model
 
 PR_IOUS = (0.5, 0.75)  # one panel each
 

@@ -27,12 +27,6 @@ import sys
 import cv2
 import numpy as np
 
-from retina_focal.export.backends import (
-    add_backend_argument,
-    backend_opts,
-    build_inference_model,
-    check_backend_settings,
-)
 from retina_focal.config.load import load_config
 from retina_focal.export import (
     ExportableRetinaFocal,
@@ -40,6 +34,12 @@ from retina_focal.export import (
     export_onnx,
     export_program,
     padded_for_export,
+)
+from retina_focal.export.backends import (
+    add_backend_argument,
+    backend_opts,
+    build_inference_model,
+    check_backend_settings,
 )
 from retina_focal.export.predictor import load_inference_model, model_input
 

@@ -29,19 +29,18 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import matplotlib
 import numpy as np
 import torch
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data.detection_utils import build_augmentation, convert_image_to_rgb
+from detectron2.structures import Boxes, pairwise_iou
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from torch import Tensor
 from torch.nn import functional as F
 
-from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
-from detectron2.data.detection_utils import build_augmentation, convert_image_to_rgb
-from detectron2.structures import Boxes, pairwise_iou
-
-from retina_focal.export.predictor import load_inference_model
+from retina_focal.config.load import load_config
 from retina_focal.data import register_config_datasets
 from retina_focal.engine.trainer import RetinaFocalTrainer
-from retina_focal.config.load import load_config
+from retina_focal.export.predictor import load_inference_model
 from retina_focal.modeling.losses import sigmoid_focal_loss, sigmoid_focal_loss_star
 from retina_focal.modeling.matching import AnchorAssignment
 from retina_focal.utils.visualize import new_figure, save_figure

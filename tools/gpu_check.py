@@ -31,7 +31,6 @@ from typing import Dict, List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from tools import benchmark  # noqa: E402
 from detectron2.engine import SimpleTrainer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
@@ -46,6 +45,7 @@ from retina_focal.utils.testing import (
     random_images,
     synthetic_batch,
 )
+from tools import benchmark  # noqa: E402
 
 CONFIG = "configs/COCO-Detection/retina_focal_R_50_FPN_1x.yaml"
 TINY = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.FPN.OUT_CHANNELS", "64"]

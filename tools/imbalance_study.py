@@ -31,10 +31,10 @@ sys.path.insert(0, REPO)
 
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
+from retina_focal.config.load import load_config  # noqa: E402
 from retina_focal.data import IMBALANCE_LEVELS, register_builtin_shapes  # noqa: E402
 from retina_focal.data.shapes import DEMO_NUM_TRAIN  # noqa: E402
 from retina_focal.engine.defaults import evaluate
-from retina_focal.config.load import load_config  # noqa: E402
 from retina_focal.utils.visualize import new_figure, save_figure  # noqa: E402
 from tools.sweep import run_one  # noqa: E402
 

@@ -20,7 +20,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from detectron2.data.datasets import load_coco_json  # noqa: E402
 
 from retina_focal.data.formats import write_csv, write_voc  # noqa: E402
-from retina_focal.data.shapes import SHAPE_CLASSES, ShapesSplit, default_root, generate_split  # noqa: E402
+from retina_focal.data.shapes import (  # noqa: E402
+    SHAPE_CLASSES,
+    ShapesSplit,
+    default_root,
+    generate_split,
+)
 
 
 def export(output: str, tiny: bool = False, root: str = "") -> dict:

@@ -4,21 +4,19 @@ resolved, class-balanced α)."""
 import logging
 from typing import List, Optional, Sequence, Tuple
 
-
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import (
     get_detection_dataset_dicts,
 )
 
 from retina_focal.config.defaults import add_retina_focal_config
-from retina_focal.model_zoo.model_zoo import find_config_file
-from retina_focal.modeling.losses import class_balanced_alpha
 from retina_focal.data import (
     register_builtin_shapes,
     register_config_datasets,
     resolve_num_classes,
 )
-
+from retina_focal.model_zoo.model_zoo import find_config_file
+from retina_focal.modeling.losses import class_balanced_alpha
 
 __all__ = ["config_and_notes", "load_config"]
 

@@ -23,7 +23,10 @@ from retina_focal.data.shapes import (
     register_imbalance_level,
     register_shapes,
 )
-from retina_focal.data.train_stream import ResumableTrainLoader, build_resumable_train_loader
+from retina_focal.data.train_stream import (
+    ResumableTrainLoader,
+    build_resumable_train_loader,
+)
 
 __all__ = [
     "SHAPE_CLASSES",

@@ -6,8 +6,8 @@ from retina_focal.diagnostics.anchor_coverage import (
     AnchorCoverage,
     AnchorGrid,
     anchor_config_lines,
-    measure_coverage,
     coverage_table,
+    measure_coverage,
     propose_anchors,
     with_anchors,
 )

@@ -36,7 +36,11 @@ from detectron2.modeling import build_backbone
 from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
 
-from retina_focal.modeling.matching import anchor_matcher_from_config, foreground_counts, foreground_iou_threshold
+from retina_focal.modeling.matching import (
+    anchor_matcher_from_config,
+    foreground_counts,
+    foreground_iou_threshold,
+)
 
 __all__ = [
     "fit_anchors",

@@ -4,9 +4,14 @@ from typing import Dict, Sequence, Tuple
 import matplotlib
 import numpy as np
 
-from retina_focal.diagnostics.anchor_coverage import RATIO_EDGES, SIDE_EDGES, AnchorCoverage, _binned
-from retina_focal.utils.visualize import new_figure, save_figure
+from retina_focal.diagnostics.anchor_coverage import (
+    RATIO_EDGES,
+    SIDE_EDGES,
+    AnchorCoverage,
+    _binned,
+)
 from retina_focal.diagnostics.error_analysis import FP_TYPES, MatchSummary
+from retina_focal.utils.visualize import new_figure, save_figure
 
 __all__ = ["plot_anchor_coverage", "plot_confusion", "plot_precision_recall"]
 

@@ -12,7 +12,6 @@ import torch
 from detectron2.engine.train_loop import AMPTrainer, SimpleTrainer
 from detectron2.utils.events import get_event_storage
 
-
 from retina_focal.modeling.precision import amp_dtype
 
 __all__ = ["MixedPrecisionTrainer", "build_step_trainer"]

@@ -12,7 +12,6 @@ import weakref
 from collections import OrderedDict
 from typing import Dict
 
-
 from detectron2.data import (
     DatasetCatalog,
     DatasetMapper,
@@ -27,14 +26,6 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter, Tensorboard
 from detectron2.utils.logger import setup_logger
 
 from retina_focal.checkpoint import RetinaFocalCheckpointer, RunFacts
-from retina_focal.data.mapper import build_train_mapper
-from retina_focal.engine.ema import EMAHook, ModelEMA
-from retina_focal.evaluation import evaluator_class
-from retina_focal.engine.hooks import insert_diagnostic_hooks
-from retina_focal.modeling.tta import RetinaFocalWithTTA
-from retina_focal.engine.amp import build_step_trainer
-from retina_focal.engine.non_finite import NonFiniteLossError, non_finite_loss_message, non_finite_loss_report
-from retina_focal.utils.comm import unwrap_model
 from retina_focal.data import (
     ResumableTrainLoader,
     build_resumable_train_loader,
@@ -46,6 +37,18 @@ from retina_focal.data import (
     drop_unusable_images,
     image_check_args,
 )
+from retina_focal.data.mapper import build_train_mapper
+from retina_focal.engine.amp import build_step_trainer
+from retina_focal.engine.ema import EMAHook, ModelEMA
+from retina_focal.engine.hooks import insert_diagnostic_hooks
+from retina_focal.engine.non_finite import (
+    NonFiniteLossError,
+    non_finite_loss_message,
+    non_finite_loss_report,
+)
+from retina_focal.evaluation import evaluator_class
+from retina_focal.modeling.tta import RetinaFocalWithTTA
+from retina_focal.utils.comm import unwrap_model
 
 __all__ = ["RetinaFocalTrainer", "build_checkpointer", "create_ddp_model", "run_facts"]
 

@@ -339,7 +339,12 @@ def quantize_int8(source: str, path: str, images: Sequence[np.ndarray]) -> None:
     with a 7-bit range (``reduce_range``: without VNNI, AVX2's and AVX-512's
     u8 x s8 multiply-add saturates at full range), activations uint8 calibrated by their
     min-max over ``images``."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Images(CalibrationDataReader):
         def __init__(self):

@@ -63,6 +63,8 @@ def find_config_file(path_or_name: str) -> str:
 
 def get_config(name: str) -> CfgNode:
     """detectron2's defaults + ``MODEL.RETINA_FOCAL`` + ``configs/<name>`` (not frozen)."""
-    from retina_focal.config.load import load_config  # load.py finds config names here: imported when used
+    from retina_focal.config.load import (
+        load_config,  # load.py finds config names here: imported when used
+    )
 
     return load_config(get_config_file(name))

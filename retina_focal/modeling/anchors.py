@@ -12,7 +12,10 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.modeling.anchor_generator import ANCHOR_GENERATOR_REGISTRY, DefaultAnchorGenerator
+from detectron2.modeling.anchor_generator import (
+    ANCHOR_GENERATOR_REGISTRY,
+    DefaultAnchorGenerator,
+)
 from detectron2.structures import Boxes
 
 __all__ = ["RetinaFocalAnchorGenerator", "sub_octave_sizes"]

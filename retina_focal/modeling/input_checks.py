@@ -13,7 +13,6 @@ import torch
 from detectron2.structures import Instances
 from detectron2.utils.logger import log_first_n
 
-
 __all__ = ["check_gt_instances", "check_training_inputs", "drop_empty_boxes", "image_name"]
 
 

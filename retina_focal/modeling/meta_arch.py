@@ -34,15 +34,30 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
 from retina_focal.config.defaults import warn_ignored_settings
-from retina_focal.modeling.input_checks import check_training_inputs, drop_empty_boxes
-from retina_focal.modeling.matching import foreground_iou_threshold
-from retina_focal.modeling.assignment_metrics import log_assignment_metrics, warn_if_anchors_miss_boxes
-from retina_focal.modeling.head import build_retina_focal_head
-from retina_focal.modeling.losses import BOX_REG_LOSS_TYPES, box_regression_loss, build_retina_focal_loss
-from retina_focal.modeling.matching import AnchorAssignment, anchor_matcher_from_config, assign_anchors
-from retina_focal.modeling.precision import amp_dtype, autocast, full_precision
-from retina_focal.modeling.postprocess import InferenceSettings, check_score_thresholds, fast_detections
+from retina_focal.modeling.assignment_metrics import (
+    log_assignment_metrics,
+    warn_if_anchors_miss_boxes,
+)
 from retina_focal.modeling.fast_layers import apply_speed_transforms
+from retina_focal.modeling.head import build_retina_focal_head
+from retina_focal.modeling.input_checks import check_training_inputs, drop_empty_boxes
+from retina_focal.modeling.losses import (
+    BOX_REG_LOSS_TYPES,
+    box_regression_loss,
+    build_retina_focal_loss,
+)
+from retina_focal.modeling.matching import (
+    AnchorAssignment,
+    anchor_matcher_from_config,
+    assign_anchors,
+    foreground_iou_threshold,
+)
+from retina_focal.modeling.postprocess import (
+    InferenceSettings,
+    check_score_thresholds,
+    fast_detections,
+)
+from retina_focal.modeling.precision import amp_dtype, autocast, full_precision
 
 __all__ = ["RetinaFocal"]
 

@@ -4,7 +4,6 @@ from typing import Tuple
 
 import torch
 
-
 __all__ = ["CPU_FLAGS", "cpu_description", "cpu_has_bf16_kernels"]
 
 

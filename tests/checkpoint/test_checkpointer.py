@@ -73,6 +73,7 @@ ckpt.save("model_0000019")
 """
 
 
+@pytest.mark.slow
 def test_kill_during_save_then_resume_from_the_previous_checkpoint(tmp_path):
     out = str(tmp_path)
     proc = subprocess.run([sys.executable, "-c", KILL_MID_SAVE.format(repo=REPO, out=out)], cwd=REPO,

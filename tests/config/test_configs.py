@@ -56,6 +56,7 @@ def test_add_config_twice_keeps_merged_values():
     assert cfg.MODEL.RETINA_FOCAL.P6_FROM == "p5"
 
 
+@pytest.mark.slow
 def test_v2_recipe_trains_two_iterations_with_its_switches_on(tmp_path):
     """configs/COCO-Detection/retina_focal_R_50_FPN_v2_3x.yaml (PR #5756's recipe + EMA) on the tiny
     shapes set at small sizes: GN head, gIoU loss, SyncBN backbone, EMA and multi-scale all

@@ -69,6 +69,7 @@ def test_the_mapper_keeps_crowd_boxes_as_ignore_rows_only_when_asked(tmp_path):
     assert len(DatasetMapper(small_cfg(*OPTS), is_train=True)(record)["instances"]) == 1  # detectron2 drops it
 
 
+@pytest.mark.slow
 def test_end_to_end_a_crowd_region_is_no_longer_background_loss(tmp_path):
     """The same image and weights: with CROWD_IGNORE_IOA the anchors on the crowd region are
     ignored, so they no longer add background loss; elsewhere the labels are the same."""

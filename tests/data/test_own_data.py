@@ -15,6 +15,8 @@ from retina_focal.utils.testing import build_detectron2_twin
 from tests.conftest import REPO
 from tools.shapes_formats import export
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test` runs it, `make test-fast` does not
+
 SCRATCH = os.path.join(REPO, "configs", "Custom", "retina_focal_R_18_FPN_scratch_cpu.yaml")
 FINETUNE = os.path.join(REPO, "configs", "Custom", "retina_focal_R_50_FPN_finetune.yaml")
 SHORT = ["SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "1000",

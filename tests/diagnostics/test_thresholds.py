@@ -38,6 +38,7 @@ def test_f1_and_target_precision_by_hand():
     assert tune_thresholds(gt, duplicate, names)[0].precision == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_the_tool_writes_the_json_beside_the_weights_and_predict_uses_it(trained, tmp_path, capsys):  # noqa: F811
     out, _ = trained
     weights = os.path.join(out, "model_final.pth")

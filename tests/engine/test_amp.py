@@ -43,6 +43,7 @@ def _steps(trainer, n):
     return storage
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", HALF_DTYPES)
 def test_amp_trainer_runs_the_forward_in_its_dtype_on_a_cpu(precision):
     trainer, seen = _trainer(precision)
@@ -65,6 +66,7 @@ def test_amp_trainer_skips_a_step_with_inf_gradients_and_backs_off():
     assert storage.history("amp/skipped_steps").latest() == 1
 
 
+@pytest.mark.slow
 def test_amp_trainer_checkpoints_its_grad_scaler():
     trainer, _ = _trainer(torch.float16, init_scale=1024.0, growth_interval=1)
     _steps(trainer, 2)

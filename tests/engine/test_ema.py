@@ -104,6 +104,7 @@ def test_evaluation_during_training_sees_the_ema_weights(tmp_path, monkeypatch):
     assert not torch.equal(trainer.model.head.cls_score.bias, seen[0])  # the raw weights are back
 
 
+@pytest.mark.slow
 def test_two_processes_with_amp_and_ema_train_and_save_the_average(tmp_path):
     proc = train(["--num-gpus", "2", "--dist-url", "auto", "OUTPUT_DIR", str(tmp_path), "MODEL_EMA.ENABLED", "True",
                   "SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", "3", "DATASETS.TEST", "()"] + TINY)

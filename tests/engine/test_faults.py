@@ -13,6 +13,8 @@ import torch
 from tests.conftest import REPO
 from tests.test_train_net import CONFIG, TINY, losses_by_iteration, train
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test` runs it, `make test-fast` does not
+
 RUN = TINY + ["DATASETS.TEST", "()", "SOLVER.MAX_ITER", "20", "SOLVER.CHECKPOINT_PERIOD", "10",
               "SOLVER.LOG_PERIOD", "1", "SEED", "3", "DETERMINISTIC", "True"]
 

@@ -34,6 +34,7 @@ def test_validation_losses_equal_a_training_forward_and_leave_the_model_as_it_wa
     assert losses["val_total_loss"] == pytest.approx(losses["val_loss_cls"] + losses["val_loss_box_reg"])
 
 
+@pytest.mark.slow
 def test_validation_losses_average_over_batches():
     model = build_model(small_cfg())
     a, b = synthetic_batch(1, 128, 3, seed=1), synthetic_batch(1, 128, 3, seed=2)
@@ -57,6 +58,7 @@ def test_hooks_are_off_by_default_and_placed_around_the_eval_hook():
     ]
 
 
+@pytest.mark.slow
 def test_short_run_logs_validation_losses_and_assignment_metrics_and_keeps_the_best(tmp_path):
     cfg = load_config(DEMO, [
         "OUTPUT_DIR", str(tmp_path), "SEED", 0,

@@ -100,6 +100,7 @@ def _train_net(args, flags=()):
     return proc, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_train_net_trains_with_amp_resumes_and_evaluates_a_py_config(tmp_path):
     """Two bf16 mixed-precision iterations (train.amp.enabled on a CPU), a checkpoint, COCO
     evaluation at the end, --resume continuing after it, then --eval-only on that checkpoint;

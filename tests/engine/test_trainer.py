@@ -5,6 +5,7 @@ import logging
 import os
 
 import pytest
+from detectron2.engine import hooks
 from detectron2.utils.events import get_event_storage
 
 from retina_focal.engine.non_finite import NonFiniteLossError
@@ -69,3 +70,19 @@ def test_fewer_gpus_scale_lr_batch_and_schedule_linearly(path, num_gpus, caplog)
 def test_demo_config_is_not_rescaled():
     cfg = load_config(DEMO)
     assert RetinaFocalTrainer.auto_scale_workers(cfg, 2).SOLVER.BASE_LR == cfg.SOLVER.BASE_LR
+
+
+def test_log_period_is_the_writer_hooks_and_the_writers_are_built_once(tmp_path):
+    cfg = load_config(DEMO, [
+        "OUTPUT_DIR", str(tmp_path), "DATASETS.TRAIN", ("retina_focal_shapes_tiny_train",), "DATASETS.TEST", (),
+        "SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", 4, "SOLVER.LOG_PERIOD", 2,
+    ])
+    trainer = RetinaFocalTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    (writer,) = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicWriter)]
+    assert writer._period == 2
+    trainer.train()
+    assert len(glob.glob(os.path.join(str(tmp_path), "events.out.tfevents.*"))) == 1  # one TensorBoard writer
+    with open(os.path.join(str(tmp_path), "metrics.json")) as f:
+        iterations = [json.loads(line)["iteration"] for line in f]
+    assert iterations == [1, 3]  # every LOG_PERIOD iterations (and the last)

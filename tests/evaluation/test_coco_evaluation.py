@@ -191,6 +191,7 @@ class _RSSProbe(DatasetEvaluator):
                 self.rss[mark] = _rss_mib()
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_over_2000_images(tmp_path):
     num_images, warmup, dets_per_image = 2000, 200, 3
     files, _ = _shapes(tmp_path, 8)  # 8 distinct files, each used 250 times

@@ -25,6 +25,8 @@ from retina_focal.utils.testing import make_detections_nontrivial, matched_resul
 from tests.conftest import small_cfg
 from tools.export import main as export_main
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test` runs it, `make test-fast` does not
+
 pytest.importorskip("onnxruntime")
 
 # Threshold 0 and redrawn output convs: detections with distinct scores to compare.

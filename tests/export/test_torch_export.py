@@ -17,6 +17,8 @@ from tests.conftest import REPO, small_cfg
 
 from tools import export as export_tool
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test` runs it, `make test-fast` does not
+
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 

@@ -76,6 +76,7 @@ def _match_both(boxes, anchors):
     return iou, detectron2, EveryGTMatcher([0.4, 0.5], [0, -1, 1])(iou)
 
 
+@pytest.mark.slow
 @settings(SETTINGS, max_examples=100)
 @given(boxes=gt_boxes())
 def test_every_gt_gets_a_foreground_anchor(boxes, anchors):

@@ -34,6 +34,7 @@ def test_image_without_objects_is_all_background_and_trains():
     sum(losses.values()).backward()
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch():
     # unit-std inputs keep a random (frozen-BN) ResNet's features in a trainable range;
     # a per-batch normalizer (momentum 0) keeps the loss scale fixed across steps
@@ -101,6 +102,7 @@ def parity_figures(cfg, tmp_path):
     return score_diff, box_diff, count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("speed_ups", [True, False])
 @pytest.mark.parametrize("depth, channels", [(18, 64), (50, 256)])
 def test_detectron2_checkpoint_gives_the_same_detections(depth, channels, speed_ups, tmp_path):
@@ -122,6 +124,7 @@ def test_detectron2_checkpoint_gives_the_same_detections(depth, channels, speed_
         assert score_diff == 0 and box_diff == 0
 
 
+@pytest.mark.slow
 def test_training_losses_equal_detectron2_on_the_same_batch():
     """Same weights, same batch (one image without objects): same loss_cls and loss_box_reg."""
     cfg = small_cfg("MODEL.PIXEL_STD", [57.375, 57.12, 58.395])

@@ -165,6 +165,7 @@ def test_without_budget_a_config_is_the_papers_setting():
     assert cfg.MODEL.RETINA_FOCAL.LOSS.NAME == "OHEMLoss" and cfg.MODEL.RETINA_FOCAL.LOSS.OHEM_BATCH_SIZE == 128
 
 
+@pytest.mark.slow
 def test_sweep_runs_tabulates_beside_the_paper_and_skips_finished_runs(tmp_path, capsys):
     configs = [os.path.join(ABLATIONS_DIR, n) for n in ("table1a_ce_alpha_75.yaml", "table1b_fl_gamma_2p0_alpha_25.yaml")]
     args = ["--configs"] + configs + ["--budget", SHAPES_BUDGET, "--output-dir", str(tmp_path)] + [str(v) for v in TINY]

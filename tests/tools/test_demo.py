@@ -1,4 +1,5 @@
 """A short `tools/demo.py` run: the loss falls, AP > 0, and the pictures are real PNGs."""
+import pytest
 import json
 import os
 import subprocess
@@ -7,6 +8,8 @@ import sys
 import cv2
 
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # end-to-end: `make test` runs it, `make test-fast` does not
 
 
 def test_short_demo_learns_and_draws(tmp_path):

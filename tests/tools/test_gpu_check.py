@@ -8,6 +8,8 @@ import torch
 
 from tools import gpu_check
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test` runs it, `make test-fast` does not
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_without_cuda_it_says_so_and_exits_0(capsys, tmp_path):

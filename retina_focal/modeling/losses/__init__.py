@@ -12,7 +12,7 @@ losses that select anchors (OHEM) or re-weight them fit the same interface.
 * ``ohem.py``: ``OHEMLoss``, online hard example mining (§5.1, Table 1d);
 * ``box.py``: the box regression loss (smooth L1, §4; GIoU, DIoU, CIoU).
 """
-from retina_focal.modeling.losses.registry import RETINA_FOCAL_LOSS_REGISTRY, build_retina_focal_loss
+from retina_focal.modeling.losses.box import BOX_REG_LOSS_TYPES, box_regression_loss
 from retina_focal.modeling.losses.focal import (
     FocalLoss,
     FocalLossStar,
@@ -23,8 +23,15 @@ from retina_focal.modeling.losses.focal import (
     sigmoid_focal_loss_star,
     valid_logits_and_targets,
 )
-from retina_focal.modeling.losses.ohem import OHEMLoss, anchor_cross_entropy, select_hard_examples
-from retina_focal.modeling.losses.box import BOX_REG_LOSS_TYPES, box_regression_loss
+from retina_focal.modeling.losses.ohem import (
+    OHEMLoss,
+    anchor_cross_entropy,
+    select_hard_examples,
+)
+from retina_focal.modeling.losses.registry import (
+    RETINA_FOCAL_LOSS_REGISTRY,
+    build_retina_focal_loss,
+)
 
 __all__ = [
     "RETINA_FOCAL_LOSS_REGISTRY",
