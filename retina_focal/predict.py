@@ -7,8 +7,11 @@
 (``retina-focal-predict`` is the same command once the package is installed.) Folders are
 searched recursively for :data:`IMAGE_EXTENSIONS`; files with :data:`VIDEO_EXTENSIONS` are
 read frame by frame with OpenCV. Each image is drawn with detectron2's ``Visualizer`` into
-``--output`` (same relative path below a folder input), each video into
-``--output/<name>.avi`` (MJPG), and every detection scoring at least ``--confidence`` (default:
+``--output``, at its path relative to the input folder (for several inputs, to the deepest
+folder that holds them all, so ``a/x.png`` and ``b/x.png`` keep a drawing each), each video
+into ``--output/<relative path>.avi`` (MJPG). An ``--output`` that is an input folder or lies
+inside one, or any output that would overwrite an input or another output, stops the run
+before anything is written (exit status 2). Every detection scoring at least ``--confidence`` (default:
 the per-class thresholds of a ``class_thresholds.json`` beside ``MODEL.WEIGHTS``, which
 ``tools/tune_thresholds.py`` writes, else 0.3) is
 written to the results JSON (default ``--output/results.json``): a COCO results list
@@ -74,7 +77,7 @@ from retina_focal.export.predictor import BatchPredictor, model_input  # noqa: F
 
 # BatchPredictor, load_inference_model and model_input live in retina_focal/export/predictor.py;
 # retina_focal.predict.model_input and .BatchPredictor stay importable from here for one release.
-__all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "find_inputs", "predict", "main"]
+__all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "find_inputs", "overwrite_problem", "predict", "main"]
 
 DEFAULT_CONFIDENCE = 0.3
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -112,24 +115,40 @@ def _skip(skipped: List[Tuple[str, str]], path: str, reason: str) -> None:
     skipped.append((path, reason))
 
 
-def _folder_images(folder: str, output_dir: str) -> Iterator[Tuple[str, str]]:
-    """(image, drawing) paths below ``folder``, recursively, in sorted order."""
+def _folder_images(folder: str) -> Iterator[str]:
+    """The images below ``folder``, recursively, in sorted order."""
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         for name in sorted(files):
             path = os.path.join(root, name)
             if _kind(path) == "image":
-                yield path, os.path.join(output_dir, os.path.relpath(path, folder))
+                yield path
+
+
+def _input_root(paths: Sequence[str]) -> str:
+    """The folder that drawing paths are relative to: the one input folder, or the folder of
+    the one input file, or the deepest folder that holds every input."""
+    folders = [os.path.abspath(p if os.path.isdir(p) else os.path.dirname(p) or ".") for p in paths if os.path.exists(p)]
+    return os.path.commonpath(folders) if folders else "."
 
 
 def find_inputs(paths: Iterable[str], output_dir: str) -> Inputs:
     """Expand files and folders into images and videos, each with the path its drawing goes
-    to; record missing paths, files of other types and folders without images as skipped."""
+    to: the input's path relative to :func:`_input_root`, below ``output_dir`` (so ``a/x.png``
+    and ``b/x.png`` get a drawing each; a video's drawing is ``<relative stem>.avi``). Missing
+    paths, files of other types and folders without images are recorded as skipped."""
+    paths = list(paths)
+    root = _input_root(paths)
+
+    def drawing(path: str, suffix: Optional[str] = None) -> str:
+        relative = os.path.relpath(os.path.abspath(path), root)
+        return os.path.join(output_dir, os.path.splitext(relative)[0] + suffix if suffix else relative)
+
     found = Inputs()
     for path in paths:
         kind = _kind(path)
         if os.path.isdir(path):
-            images = list(_folder_images(path, output_dir))
+            images = [(p, drawing(p)) for p in _folder_images(path)]
             if not images:
                 _skip(found.skipped, path, f"folder holds no image ({' '.join(IMAGE_EXTENSIONS)}), recursively")
             found.images.extend(images)
@@ -139,11 +158,31 @@ def find_inputs(paths: Iterable[str], output_dir: str) -> Inputs:
             types = f"not an image ({' '.join(IMAGE_EXTENSIONS)}) or video ({' '.join(VIDEO_EXTENSIONS)})"
             _skip(found.skipped, path, types)
         elif kind == "image":
-            found.images.append((path, os.path.join(output_dir, os.path.basename(path))))
+            found.images.append((path, drawing(path)))
         else:
-            stem = os.path.splitext(os.path.basename(path))[0]
-            found.videos.append((path, os.path.join(output_dir, stem + ".avi")))
+            found.videos.append((path, drawing(path, ".avi")))
     return found
+
+
+def overwrite_problem(paths: Sequence[str], inputs: Inputs, output_dir: str, json_file: str) -> Optional[str]:
+    """Why writing the drawings and results would destroy or mix up inputs, or None: an output
+    that is an input file, an ``--output`` folder that is an input folder or inside one (a
+    later run on that folder would predict on the drawings), or two inputs with one drawing."""
+    output = os.path.realpath(output_dir)
+    for folder in (os.path.realpath(p) for p in paths if os.path.isdir(p)):
+        if output == folder or output.startswith(folder + os.sep):
+            return (f"--output {output_dir} is {'the' if output == folder else 'inside the'} input folder {folder}: its "
+                    "drawings would overwrite or join the inputs; choose an --output folder outside every --input folder")
+    sources = {os.path.realpath(path) for path, _ in inputs.images + inputs.videos}
+    outputs: Dict[str, str] = {}
+    for path, out_path in inputs.images + inputs.videos + [("results", json_file)]:
+        real = os.path.realpath(out_path)
+        if real in sources:
+            return f"the output {out_path} of {path} is an input file: it would be overwritten"
+        if real in outputs:
+            return f"{outputs[real]} and {path} would be drawn to the same file {out_path}"
+        outputs[real] = path
+    return None
 
 
 def _write_image(out_path: str) -> Callable[[np.ndarray], None]:
@@ -412,6 +451,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: no image or video to predict in --input", file=sys.stderr)
         _print_skipped(inputs.skipped)
         return 2
+    json_file = args.json or os.path.join(args.output, "results.json")
+    problem = overwrite_problem(args.input, inputs, args.output, json_file)
+    if problem:
+        print(f"error: {problem}; no drawing or result was written", file=sys.stderr)
+        return 2
     cfg = load_config(args.config_file, backend_opts(args) + args.opts)
     try:
         check_backend_settings(cfg)
@@ -433,7 +477,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         predict(predictor, metadata, inputs, confidence=confidence, batch_size=args.batch_size, results=results)
     finally:  # also when interrupted: what was predicted is kept
-        _write_results(results, args.json or os.path.join(args.output, "results.json"), args, confidence)
+        _write_results(results, json_file, args, confidence)
         if inputs.skipped:
             _print_skipped(inputs.skipped)
     return 1 if inputs.skipped else 0

@@ -279,3 +279,36 @@ def test_test_time_augmentation_is_used_when_enabled(model_files, tmp_path):
     cfg = model_files[2].clone()
     cfg.TEST.AUG.ENABLED = True
     assert isinstance(BatchPredictor(cfg).model, RetinaFocalWithTTA)
+
+
+def _snapshot(folder):
+    return {p: open(p, "rb").read() for p in sorted(str(x) for x in folder.rglob("*") if x.is_file())}
+
+
+@pytest.mark.parametrize("output", [".", "sub", "sub/deeper"])
+def test_an_output_in_an_input_folder_is_refused_before_anything_is_written(model_files, tmp_path, output, capsys):
+    """--input photos --output photos used to draw over every photo (exit 0); a later run then
+    predicted on the drawings."""
+    folder = tmp_path / "photos"
+    _images(folder, [(64, 80)]) + _images(folder / "sub", [(64, 80)])
+    before = _snapshot(folder)
+    assert _run(model_files, [str(folder)], folder / output) == 2
+    assert "input folder" in capsys.readouterr().err
+    assert _snapshot(folder) == before  # no drawing, no results.json
+
+
+def test_an_output_that_is_an_input_file_is_refused(model_files, tmp_path, capsys):
+    (image,) = _images(tmp_path / "in", [(64, 80)])
+    before = open(image, "rb").read()
+    assert _run(model_files, [image], tmp_path / "in") == 2
+    assert f"the output {image} of {image} is an input file" in capsys.readouterr().err
+    assert open(image, "rb").read() == before
+
+
+def test_inputs_with_one_file_name_keep_a_drawing_each_under_their_relative_paths(model_files, tmp_path):
+    a, b = _images(tmp_path / "a", [(64, 80)]), _images(tmp_path / "b", [(72, 96)])
+    out = tmp_path / "out"
+    assert _run(model_files, a + b, out, "--confidence", "0") == 0
+    assert cv2.imread(str(out / "a" / "img0.png")).shape[:2] == (64, 80)
+    assert cv2.imread(str(out / "b" / "img0.png")).shape[:2] == (72, 96)
+    assert {r["file_name"] for r in _results(out / "results.json")} == {a[0], b[0]}
