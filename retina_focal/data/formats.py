@@ -26,6 +26,7 @@ reads the COCO JSON itself, and VOC and CSV sets are written as COCO JSON for it
 """
 import csv
 import hashlib
+import json
 import logging
 import os
 import re
@@ -321,15 +322,29 @@ def register_config_datasets(cfg, extra: Sequence[str] = ()) -> List[str]:
     return [n for n in notes if n]
 
 
+def records_digest(name: str) -> str:
+    """A hash of what dataset ``name`` holds: its class names and every record (file, size,
+    boxes, classes), as this process read them when it registered the set."""
+    records = DatasetCatalog.get(name)
+    classes = MetadataCatalog.get(name).get("thing_classes", None)
+    text = json.dumps([classes, records], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def coco_json_for_evaluation(name: str, output_dir: str) -> None:
-    """Give a VOC or CSV dataset a COCO JSON for COCOEvaluator: written once into
-    ``output_dir`` (detectron2's ``convert_to_coco_json``, under a file-safe name) and set as
-    the metadata's ``json_file``. Nothing to do for datasets that have one."""
-    metadata = MetadataCatalog.get(name)
-    if metadata.get("json_file", None) or DatasetSpec.parse(name) is None:
+    """Give a VOC or CSV dataset a COCO JSON for COCOEvaluator, set as the metadata's
+    ``json_file``: detectron2's ``convert_to_coco_json`` into ``output_dir``, under a name that
+    holds :func:`records_digest`, so a converted file is reused only while the annotations,
+    classes and images it came from are unchanged (moved boxes, another class order, an added
+    image: a new file). Nothing to do for COCO sets and registered datasets: they have one."""
+    spec = DatasetSpec.parse(name)
+    if spec is None or spec.format == "coco":
         return
-    path = os.path.join(output_dir, f"{dataset_folder_name(name)}_coco_format.json")
+    path = os.path.join(output_dir, f"{dataset_folder_name(name)}_{records_digest(name)}_coco_format.json")
     convert_to_coco_json(name, path, allow_cached=True)
+    metadata = MetadataCatalog.get(name)
+    if metadata.get("json_file", path) != path:  # converted earlier in this process, from other annotations
+        del metadata.json_file
     metadata.set(json_file=path)
 
 

@@ -9,7 +9,14 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from retina_focal.data import DatasetSpec, check_same_classes, dataset_folder_name, register_dataset, resolve_num_classes
+from retina_focal.data import (
+    DatasetSpec,
+    check_same_classes,
+    coco_json_for_evaluation,
+    dataset_folder_name,
+    register_dataset,
+    resolve_num_classes,
+)
 from retina_focal.data.formats import load_csv, load_voc
 from retina_focal.config.load import load_config
 from tests.conftest import REPO, small_cfg
@@ -197,3 +204,28 @@ def test_num_classes_0_comes_from_the_training_set_and_classes_must_match(shapes
     register_dataset(f"csv:{other}")
     with pytest.raises(ValueError, match=rf"dataset 'csv:{other}' has the classes \['dog'\], the training set .* has \['circle',"):
         check_same_classes([spec], f"csv:{other}")
+
+
+def test_converted_ground_truth_follows_its_source(tmp_path):
+    """Converted once and cached, the COCO JSON of a CSV set kept scoring the old boxes after
+    they moved (AP 93 instead of 0): the file's name now holds a hash of what the set holds."""
+    _image(tmp_path / "img" / "a.png", 100, 100)
+    csv_file, classes_file = _csv(tmp_path, ["img/a.png,10,10,30,30,dog", "img/a.png,50,50,70,70,cat"], ["cat", "dog"])
+    name = f"csv:{csv_file}:{classes_file}"
+    register_dataset(name)
+    out = str(tmp_path / "eval")
+
+    def ground_truth():
+        coco_json_for_evaluation(name, out)
+        path = MetadataCatalog.get(name).json_file
+        with open(path) as f:
+            return path, sorted((a["bbox"], a["category_id"]) for a in json.load(f)["annotations"])
+
+    first, boxes = ground_truth()
+    assert ground_truth() == (first, boxes)  # unchanged: the same file, reused
+    _csv(tmp_path, ["img/a.png,50,10,70,30,cat", "img/a.png,10,50,30,70,dog"], ["cat", "dog"])  # moved, classes swapped
+    DatasetCatalog.remove(name), MetadataCatalog.remove(name)  # a new run (--eval-only, --resume) reads the files again
+    register_dataset(name)
+    second, moved = ground_truth()
+    assert second != first and moved != boxes
+    assert moved == sorted(([x1, y1, 20.0, 20.0], c) for x1, y1, c in [(50.0, 10.0, 0), (10.0, 50.0, 1)])  # cat 0, dog 1
