@@ -15,7 +15,7 @@ from retina_focal.engine.trainer import RetinaFocalTrainer
 
 
 def main(args, trainer_cls=RetinaFocalTrainer):
-    if is_lazy_config(args.config_file):  # a .py config: retina_focal/lazy.py
+    if is_lazy_config(args.config_file):  # a .py config: retina_focal/engine/lazy.py
         return lazy_main(args)
     cfg = setup(args)
     if args.eval_only:

@@ -17,7 +17,7 @@ alternate within each round, so machine noise hits both):
 * ``inference``: batch 1 at 512x512, end to end and split into backbone + FPN, head and
   post-processing (anchors, decode, top-k, NMS, rescaling); also checks that both return
   the same detections (and how far the mixed-precision model's are, ``TEST.AMP.ENABLED``);
-* ``backends``: the inference backends (``TEST.BACKEND``, retina_focal/backends.py) at batch 1
+* ``backends``: the inference backends (``TEST.BACKEND``, retina_focal/export/backends.py) at batch 1
   and each of ``--backend-sizes``: eager, compiled (AOTInductor) and ONNX Runtime in float32,
   ONNX Runtime int8 (calibrated on ``--calibration-images`` noise images like the inputs;
   its accuracy is measured on real images by tools/compare_backends.py) and, on a CPU with bfloat16 kernels (or

@@ -9,7 +9,7 @@
    two images: same classes, largest score and box difference, with the speed-ups on
    (channels-last, folded frozen BN) and off.
 2. **AMP training**: ``--iters`` iterations with ``SOLVER.AMP.ENABLED`` (float16 + GradScaler,
-   :class:`retina_focal.precision.MixedPrecisionTrainer`) and in float32 from the same weights
+   :class:`retina_focal.engine.amp.MixedPrecisionTrainer`) and in float32 from the same weights
    on the same synthetic batches: losses, the GradScaler's scale, skipped steps.
 3. **Speed**: ``tools/benchmark.py``'s loss, train and inference sections on the device (CUDA
    synchronized around every timing): the focal loss (120k anchors x 80, fwd + bwd) against

@@ -143,7 +143,7 @@ class RetinaFocalCheckpointer(DetectionCheckpointer):
                 (training only).
             for_inference (bool): every tensor of the model's state dict must come from the
                 checkpoint (a model with random parts would be evaluated or exported).
-            ema (retina_focal.ema.ModelEMA or None): save the EMA weights as "model" and the
+            ema (retina_focal.engine.ema.ModelEMA or None): save the EMA weights as "model" and the
                 raw ones in the "model_ema" checkpointable (added here).
         """
         super().__init__(model, save_dir, **kwargs)

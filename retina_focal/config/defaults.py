@@ -83,7 +83,7 @@ def add_retina_focal_config(cfg: CN) -> CN:
 
     # Anchor labelling. False: detectron2's (and Detectron's) rule, under which a ground-truth
     # box can end up with no anchor when its best anchors overlap another box more. True:
-    # such boxes then take their best free anchor (retina_focal.matching.EveryGTMatcher).
+    # such boxes then take their best free anchor (retina_focal.modeling.matching.EveryGTMatcher).
     _C.MODEL.RETINA_FOCAL.MATCH_EVERY_GT = False
     # Crowd regions (COCO iscrowd, VOC difficult / the CSV ignore class as crowd, see DATASETS.*):
     # > 0 keeps them through the mapper and ignores (-1) the background anchors a region
@@ -96,7 +96,7 @@ def add_retina_focal_config(cfg: CN) -> CN:
     _C.MODEL.RETINA_FOCAL.CLASS_SCORE_THRESH = []
     # True: one NMS over all classes (a box suppresses overlapping boxes of any class).
     _C.MODEL.RETINA_FOCAL.CLASS_AGNOSTIC_NMS = False
-    # Speed transforms (retina_focal/speed.py), float rounding only; all off = detectron2's
+    # Speed transforms (retina_focal/modeling/fast_layers.py, modeling/postprocess.py), float rounding only; all off = detectron2's
     # RetinaNet bit for bit. CHANNELS_LAST: backbone and head in the channels-last (NHWC)
     # memory format, which oneDNN (CPU) and tensor cores (GPU) prefer. FOLD_FROZEN_BN: each
     # conv + frozen BatchNorm (MODEL.RESNETS.NORM FrozenBN) as one conv with the BN folded
@@ -105,7 +105,7 @@ def add_retina_focal_config(cfg: CN) -> CN:
     _C.MODEL.RETINA_FOCAL.CHANNELS_LAST = True
     _C.MODEL.RETINA_FOCAL.FOLD_FROZEN_BN = True
     _C.MODEL.RETINA_FOCAL.FAST_POSTPROCESS = True
-    # Mixed precision (retina_focal/precision.py). SOLVER.AMP.ENABLED (detectron2's key) trains
+    # Mixed precision (retina_focal/modeling/precision.py, retina_focal/engine/amp.py). SOLVER.AMP.ENABLED (detectron2's key) trains
     # under torch.autocast on any device, CUDA or CPU; its dtype: "float16" (loss scaled by a
     # GradScaler), "bfloat16" (no scaling needed), or "auto" = float16 on CUDA, bfloat16
     # elsewhere. Losses and post-processing stay float32 either way.
@@ -122,7 +122,7 @@ def add_retina_focal_config(cfg: CN) -> CN:
         "MODEL.RETINA_FOCAL.BF16 True is now TEST.AMP.ENABLED True TEST.AMP.PRECISION bfloat16 for "
         "inference, and SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION bfloat16 for training",
     )
-    # Inference backend (retina_focal/backends.py) of --eval-only, retina-focal-predict and
+    # Inference backend (retina_focal/export/backends.py) of --eval-only, retina-focal-predict and
     # tools/export.py --backend: "eager" = the PyTorch model; "compiled" = torch.export +
     # AOTInductor; "onnxruntime" = the ONNX export on ONNX Runtime's CPU provider. The latter two
     # run one image at a time and cache what they build in CACHE_DIR ("" = OUTPUT_DIR/
@@ -159,7 +159,7 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # --resume from this checkpoint (a file name in OUTPUT_DIR, or a path) instead of the one
     # named in OUTPUT_DIR/last_checkpoint, e.g. the previous one when the last is truncated.
     _C.RESUME.CHECKPOINT = ""
-    # Model EMA (retina_focal/ema.py; d2go's keys): an exponential moving average of the weights
+    # Model EMA (retina_focal/engine/ema.py; d2go's keys): an exponential moving average of the weights
     # updated after every step; evaluation and the checkpoints' "model" use it (the raw weights
     # stay in the checkpoint). DECAY is the largest decay; it ramps up as (1 + t) / (10 + t).
     _C.MODEL_EMA = CN()

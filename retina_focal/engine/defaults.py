@@ -56,7 +56,7 @@ def setup(args):
 
 
 def _configure_determinism(cfg) -> None:
-    """``DETERMINISTIC True``: deterministic kernels and no cuDNN autotuning (see config.py)."""
+    """``DETERMINISTIC True``: deterministic kernels and no cuDNN autotuning (see retina_focal/config/defaults.py)."""
     if not cfg.DETERMINISTIC:
         return
     if cfg.SEED < 0:

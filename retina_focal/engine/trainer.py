@@ -84,7 +84,7 @@ class RetinaFocalTrainer(DefaultTrainer):
       works for CPU processes (gloo);
     * ``MODEL_EMA.ENABLED``: an EMA of the weights, evaluated and saved as the model;
     * ``SOLVER.AMP.ENABLED`` on any device, in ``SOLVER.AMP.PRECISION`` (float16 with a
-      GradScaler, or bfloat16; retina_focal/precision.py);
+      GradScaler, or bfloat16; retina_focal/engine/amp.py);
     * training data checked once before the first step (``retina_focal.data.checks``) and
       a data stream that ``--resume`` continues exactly (``retina_focal.data.train_stream``);
     * atomic checkpoints that also hold the stream seed (the EMA loss normalizer is the model's own state);
@@ -124,7 +124,7 @@ class RetinaFocalTrainer(DefaultTrainer):
             ret = [EMAHook(self.ema)] + [self._ema_eval_hook() if isinstance(h, hooks.EvalHook) else h for h in ret]
         if self.cfg.TEST.AUG.ENABLED:  # after the last iteration, also with test-time augmentation
             ret.append(hooks.EvalHook(0, lambda: self._evaluated(self.test_with_TTA)))
-        # TEST.VAL_LOSS_PERIOD, SOLVER.BEST_CHECKPOINT_METRIC (retina_focal/hooks.py)
+        # TEST.VAL_LOSS_PERIOD, SOLVER.BEST_CHECKPOINT_METRIC (retina_focal/engine/hooks.py)
         return insert_diagnostic_hooks(self.cfg, ret, self.checkpointer)
 
     def _writer_hook(self, default: hooks.PeriodicWriter) -> hooks.PeriodicWriter:

@@ -3,7 +3,7 @@
 In the order it runs (``DenseDetector.forward``, as detectron2's ``RetinaNet``):
 
 1. preprocess: normalize, pad to the backbone's size divisibility, batch;
-2. backbone: ResNet-FPN, levels P3–P7 (backbone.py);
+2. backbone: ResNet-FPN, levels P3–P7 (backbone/resnet_fpn.py);
 3. head: class and box subnets on every level (head.py);
 4. training, :meth:`forward_training`: anchors (anchors.py) labelled by the §4 IoU rule
    (:meth:`label_anchors`, matching.py), then the classification loss from the registry
@@ -14,9 +14,9 @@ In the order it runs (``DenseDetector.forward``, as detectron2's ``RetinaNet``):
    (§4.1 "Inference", :meth:`detections`); boxes rescaled to the requested output size.
 
 Around this flow, not inside it: :meth:`forward` checks the training inputs
-(data/checks.py) and opens ``TEST.AMP``'s autocast (precision.py); :meth:`forward_training`
-logs the ``assign/*`` metrics (diagnostics/assignment.py); the speed transforms
-(speed.py) are applied once when the model is built.
+(input_checks.py) and opens ``TEST.AMP``'s autocast (precision.py); :meth:`forward_training`
+logs the ``assign/*`` metrics (assignment_metrics.py); the speed transforms
+(fast_layers.py) are applied once when the model is built.
 """
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -128,7 +128,7 @@ class RetinaFocal(DenseDetector):
                 autocast, so one opened by the caller (e.g. the AMP trainer's) applies. Losses
                 and post-processing run in float32 under any autocast.
             fold_frozen_bn, channels_last, fast_postprocess (bool): the speed transforms of
-                retina_focal/speed.py (float rounding only).
+                retina_focal/modeling/fast_layers.py and postprocess.py (float rounding only).
             unmatched_gt_warn_fraction (float): warn (once) when more than this share of a
                 training batch's boxes has no anchor with the foreground IoU (in [0, 1]).
             crowd_ignore_ioa (float): > 0: background anchors covered by a crowd region by

@@ -1,4 +1,4 @@
-"""retina_focal/ema.py (MODEL_EMA.*): the average and its decay ramp, the EMA weights swapped in
+"""retina_focal/engine/ema.py (MODEL_EMA.*): the average and its decay ramp, the EMA weights swapped in
 and out bitwise, the checkpoint layout (EMA as "model", raw weights kept), evaluation on the
 EMA weights, and a 2-process AMP run with EMA."""
 import os

@@ -1,5 +1,5 @@
 """LazyConfig (.py) configs: the same model as their .yaml twins, and train_net.py trains and
-evaluates with them (retina_focal/lazy.py)."""
+evaluates with them (retina_focal/engine/lazy.py)."""
 import argparse
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""retina_focal/backends.py (TEST.BACKEND.*): the compiled and ONNX Runtime networks give the
+"""retina_focal/export/backends.py (TEST.BACKEND.*): the compiled and ONNX Runtime networks give the
 eager model's detections (same classes, scores within 1e-4, boxes within 1e-3 px) on an image
 served by the dynamic-shape program and on a 128-px one that gets a program of its own; what
 they build is cached and loaded by the next run; TEST.AMP is compiled in; int8 is quantized

@@ -1,4 +1,4 @@
-"""retina_focal/matching.py: the §4 IoU rule (thresholds, ignore band, low-quality matches),
+"""retina_focal/modeling/matching.py: the §4 IoU rule (thresholds, ignore band, low-quality matches),
 the assignment value, and EveryGTMatcher's repair (hypothesis, against detectron2's Matcher)."""
 import math
 

@@ -106,7 +106,7 @@ def parity_figures(cfg, tmp_path):
 @pytest.mark.parametrize("speed_ups", [True, False])
 @pytest.mark.parametrize("depth, channels", [(18, 64), (50, 256)])
 def test_detectron2_checkpoint_gives_the_same_detections(depth, channels, speed_ups, tmp_path):
-    """Default (the speed transforms of retina_focal/speed.py): equal to float rounding. All
+    """Default (the speed transforms of retina_focal/modeling/fast_layers.py and FAST_POSTPROCESS): equal to float rounding. All
     off: bitwise, detectron2's computation step for step."""
     cfg = small_cfg(
         "MODEL.RESNETS.DEPTH", depth,

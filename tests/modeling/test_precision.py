@@ -1,4 +1,4 @@
-"""Mixed precision (retina_focal/precision.py): the model honours an outer autocast and opens
+"""Mixed precision (retina_focal/modeling/precision.py): the model honours an outer autocast and opens
 its own only when asked (TEST.AMP), losses and post-processing stay float32, the fused focal
 loss is exact under float16 loss scaling, and the AMP trainer works on a CPU in float16 and
 bfloat16 and checkpoints its GradScaler."""

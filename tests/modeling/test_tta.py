@@ -1,4 +1,4 @@
-"""retina_focal/tta.py (TEST.AUG.*): the scales and flips map back to the original image, one
+"""retina_focal/modeling/tta.py (TEST.AUG.*): the scales and flips map back to the original image, one
 scale without flip is the model itself, and predict / --eval-only use it when enabled."""
 import torch
 from detectron2.modeling import build_model

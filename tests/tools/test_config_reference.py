@@ -9,7 +9,7 @@ from tools import config_reference
 
 
 def test_committed_reference_is_up_to_date():
-    """Fails when a key is added to retina_focal/config.py without regenerating the file."""
+    """Fails when a key is added to retina_focal/config/defaults.py without regenerating the file."""
     with open(os.path.join(REPO, "docs", "config_reference.md")) as f:
         committed = f.read()
     assert committed == config_reference.render(), "run: python tools/config_reference.py"

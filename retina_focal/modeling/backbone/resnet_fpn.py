@@ -7,7 +7,7 @@ and strides 8…128. Parameter names equal detectron2's ``build_retinanet_resnet
 so its checkpoints (and the model zoo's) load unchanged.
 
 (``MODEL.RETINA_FOCAL.FOLD_FROZEN_BN`` folds the frozen BatchNorms into the convolutions when
-RetinaFocal is built: retina_focal/speed.py.)
+RetinaFocal is built: retina_focal/modeling/fast_layers.py.)
 """
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, build_resnet_backbone

@@ -1,4 +1,4 @@
-"""retina_focal/losses/box.py: the box losses equal detectron2's; the box coding they use
+"""retina_focal/modeling/losses/box.py: the box losses equal detectron2's; the box coding they use
 (R-CNN deltas) round-trips and clamps (hypothesis)."""
 import math
 

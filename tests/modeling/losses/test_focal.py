@@ -1,4 +1,4 @@
-"""retina_focal/losses/focal.py: the readable focal loss against fvcore and the paper's formulas
+"""retina_focal/modeling/losses/focal.py: the readable focal loss against fvcore and the paper's formulas
 (§3, Appendix A/B), the fused form that trains against the readable one (float64, 1e-12),
 per-class α, FL* and their properties (hypothesis)."""
 import math

@@ -1,4 +1,4 @@
-"""retina_focal/losses/ohem.py: OHEM (§5.1, Table 1d) by hand, against a brute-force reference
+"""retina_focal/modeling/losses/ohem.py: OHEM (§5.1, Table 1d) by hand, against a brute-force reference
 (hypothesis), its gradient and its config errors."""
 from dataclasses import dataclass
 from functools import cached_property

@@ -1,4 +1,4 @@
-"""retina_focal/losses/registry.py: losses are chosen by config, unknown names listed."""
+"""retina_focal/modeling/losses/registry.py: losses are chosen by config, unknown names listed."""
 import pytest
 
 from retina_focal.modeling.losses import FocalLoss, build_retina_focal_loss
