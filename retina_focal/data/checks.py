@@ -157,7 +157,10 @@ def image_file_problem(path: str, mode: str = "quick") -> Tuple[Optional[str], O
         if mode == "full":
             return None, read_usable_image(path).shape[:2]
         with Image.open(path) as image:
-            width, height = image.size
+            problem = bit_depth_problem(image)
+            if problem:
+                return problem, None
+            height, width = oriented_size(image)
             image_format = image.format
     except FileNotFoundError:
         return "no such file", None
@@ -171,7 +174,36 @@ def _decode_problem(error: Exception) -> str:
 
 
 class UnusableImageError(ValueError):
-    """An image file that exists but cannot be decoded to its last pixel."""
+    """An image file that exists but cannot be decoded to its last pixel, or not as 8-bit RGB."""
+
+
+# PIL modes of one channel with more than 8 bits (16-bit PNG/TIFF, 32-bit int and float TIFF).
+# detectron2's read_image converts them to 8-bit RGB by clipping every value above 255, so a
+# 16-bit photograph becomes a white image.
+_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_EXIF_ORIENTATION = 274  # the EXIF tag; values 5-8 turn the image by 90 degrees
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def bit_depth_problem(image: Image.Image) -> Optional[str]:
+    """Why ``image`` (opened, not decoded) cannot be read as 8-bit RGB, or None."""
+    if image.mode not in _HIGH_BIT_DEPTH_MODES:
+        return None
+    return (
+        f"a high-bit-depth image (PIL mode {image.mode}): read as 8-bit RGB every value above 255 would be "
+        "clipped (a white image); convert it to 8 bits per channel first (e.g. scaled by 255 / its maximum)"
+    )
+
+
+def oriented_size(image: Image.Image) -> Tuple[int, int]:
+    """(height, width) of ``image`` as detectron2's ``read_image`` returns it: after its EXIF
+    orientation (a photo taken upright on its side is stored W x H and read H x W)."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # a broken EXIF block: read_image ignores it too
+        orientation = None
+    return (width, height) if orientation in _TRANSPOSING_ORIENTATIONS else (height, width)
 
 
 def read_usable_image(path: str) -> np.ndarray:
@@ -187,6 +219,13 @@ def read_usable_image(path: str) -> np.ndarray:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
+    try:
+        with Image.open(path) as image:
+            problem = bit_depth_problem(image)
+    except Exception as e:  # PIL: UnidentifiedImageError, ...
+        raise UnusableImageError(f"cannot be decoded ({type(e).__name__}: {e})") from e
+    if problem:
+        raise UnusableImageError(problem)
     try:
         return read_image(path, format="BGR")
     except Exception as e:  # PIL: OSError "image file is truncated", UnidentifiedImageError, ...
@@ -209,8 +248,14 @@ def resize_problem(height: int, width: int, short_edge: int, max_size: int, keys
 
 def _record_problem(record: Dict, mode: str, short_edge: int, max_size: int, keys: str) -> Optional[str]:
     problem, size = image_file_problem(record["file_name"], mode)
-    if problem is None and size is None and "height" in record:
-        size = (record["height"], record["width"])
+    recorded = (record["height"], record["width"]) if "height" in record and "width" in record else None
+    if problem is None and size is not None and recorded is not None and tuple(size) != recorded:
+        return (
+            f"its annotations say {recorded[1]}x{recorded[0]} px, the file is {size[1]}x{size[0]} px (EXIF orientation "
+            "applied); detectron2 would stop with a SizeMismatchError when it reaches it: fix the size in the annotations"
+        )
+    if problem is None and size is None:
+        size = recorded
     if problem is None and size is not None:
         problem = resize_problem(*size, short_edge, max_size, keys)
     return problem

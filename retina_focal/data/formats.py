@@ -41,6 +41,8 @@ from detectron2.data.datasets.coco import convert_to_coco_json
 from detectron2.structures import BoxMode
 from PIL import Image
 
+from retina_focal.data.checks import oriented_size
+
 __all__ = [
     "SPEC_FORMATS",
     "DatasetSpec",
@@ -138,15 +140,14 @@ class _Images:
 
 
 def _image_size(path: str, where: str) -> Tuple[int, int]:
-    """(height, width) from the image header."""
+    """(height, width) from the image header, as detectron2 reads the image (EXIF orientation)."""
     if not os.path.isfile(path):
         raise ValueError(f"{where}: image {path}: no such file")
     try:
         with Image.open(path) as image:
-            width, height = image.size
+            return oriented_size(image)
     except Exception as e:  # PIL: UnidentifiedImageError, OSError
         raise ValueError(f"{where}: image {path} cannot be read ({type(e).__name__}: {e})") from e
-    return height, width
 
 
 def _class_names_file(path: str, kind: str) -> List[str]:

@@ -11,7 +11,7 @@ from detectron2.utils.events import EventStorage
 
 from retina_focal.data import check_dataset_dicts, check_num_classes
 from retina_focal.modeling.input_checks import check_gt_instances
-from retina_focal.data.checks import drop_unusable_images
+from retina_focal.data.checks import UnusableImageError, drop_unusable_images, read_usable_image
 from retina_focal.engine.trainer import RetinaFocalTrainer
 from tests.conftest import make_instances, small_cfg
 
@@ -170,3 +170,61 @@ def test_training_loader_leaves_unusable_images_out(tmp_path):
                     "INPUT.MIN_SIZE_TRAIN", (128,), "INPUT.MAX_SIZE_TRAIN", 128, "SOLVER.IMS_PER_BATCH", 1)
     loader = RetinaFocalTrainer.build_train_loader(cfg)
     assert [d["file_name"] for d in loader.dataset.dicts] == [good]
+
+
+def _sixteen_bit_png(path):
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(path), (np.arange(32 * 48, dtype=np.uint16).reshape(32, 48) * 40))  # values up to 61,400
+    return str(path)
+
+
+def _rotated_jpeg(path, width=48, height=32):
+    """A JPEG stored width x height with EXIF orientation 6: read (as detectron2 does) height x width turned."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[274] = 6
+    Image.new("RGB", (width, height), (90, 120, 150)).save(str(path), exif=exif)
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_a_16_bit_image_is_left_out_by_name_not_read_as_white(tmp_path, caplog, mode):
+    """detectron2's read_image clips a 16-bit PNG to 8-bit RGB: every pixel above 255 turns white."""
+    from detectron2.data.detection_utils import read_image
+
+    path = _sixteen_bit_png(tmp_path / "deep.png")
+    assert (read_image(path, format="BGR") == 255).mean() > 0.9  # why it is refused
+    dicts = [{"file_name": path, "image_id": 0, "height": 32, "width": 48, "annotations": []}]
+    with caplog.at_level("WARNING", logger="retina_focal.data.checks"):
+        assert drop_unusable_images(dicts, ["mine"], mode, 32, 64, "K") == []
+    assert f"{path}: a high-bit-depth image (PIL mode I;16)" in caplog.text
+    with pytest.raises(UnusableImageError, match=r"high-bit-depth image \(PIL mode I;16\).*convert it to 8 bits"):
+        read_usable_image(path)  # retina-focal-predict skips it with this reason
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_a_recorded_size_that_is_not_the_files_is_found_before_training(tmp_path, caplog, mode):
+    """An EXIF-rotated JPEG recorded with its stored size, or a VOC <size> that is wrong, used to
+    stop training with detectron2's SizeMismatchError whenever the stream reached it."""
+    rotated = _rotated_jpeg(tmp_path / "rotated.jpg")
+    good = _rotated_jpeg(tmp_path / "good.jpg")
+    dicts = [
+        {"file_name": rotated, "image_id": 0, "height": 32, "width": 48, "annotations": []},  # stored size: wrong
+        {"file_name": good, "image_id": 1, "height": 48, "width": 32, "annotations": []},  # as read: right
+    ]
+    with caplog.at_level("WARNING", logger="retina_focal.data.checks"):
+        kept = drop_unusable_images(dicts, ["mine"], mode, 32, 64, "K")
+    assert [d["file_name"] for d in kept] == [good]
+    assert f"{rotated}: its annotations say 48x32 px, the file is 32x48 px (EXIF orientation applied)" in caplog.text
+
+
+def test_the_csv_reader_records_the_size_detectron2_reads(tmp_path):
+    from retina_focal.data.formats import load_csv
+
+    _rotated_jpeg(tmp_path / "rotated.jpg")
+    (tmp_path / "ann.csv").write_text("rotated.jpg,1,2,20,30,dog\n")
+    (dicts,), _ = load_csv(str(tmp_path / "ann.csv"))
+    assert (dicts["height"], dicts["width"]) == (48, 32)
