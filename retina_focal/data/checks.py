@@ -34,6 +34,7 @@ __all__ = [
     "check_dataset_dicts",
     "check_num_classes",
     "check_same_classes",
+    "check_test_sets",
     "checked_dataset_dicts",
     "drop_unusable_images",
     "UnusableImageError",
@@ -69,6 +70,15 @@ def check_same_classes(train_names: Sequence[str], name: str) -> None:
                 f"dataset {name!r} has the classes {list(ours)}, the training set {train!r} has {list(theirs)}; "
                 "the same names in the same order are needed (a CSV classes file or a VOC classes.txt fixes the order)"
             )
+
+
+def check_test_sets(num_classes: int, train_names: Sequence[str], test_names: Sequence[str]) -> None:
+    """Raise if a test set's classes disagree with NUM_CLASSES or with the training sets'
+    (:func:`check_num_classes`, :func:`check_same_classes`): run when training starts, so a
+    wrong test set stops the run before the first iteration, not at the first evaluation."""
+    check_num_classes(num_classes, test_names)
+    for name in test_names:
+        check_same_classes(train_names, name)
 
 
 def _xyxy(ann: Dict) -> List[float]:

@@ -29,8 +29,7 @@ from retina_focal.checkpoint import RetinaFocalCheckpointer, RunFacts
 from retina_focal.data import (
     ResumableTrainLoader,
     build_resumable_train_loader,
-    check_num_classes,
-    check_same_classes,
+    check_test_sets,
     checked_dataset_dicts,
     coco_json_for_evaluation,
     dataset_folder_name,
@@ -98,6 +97,8 @@ class RetinaFocalTrainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger was not called
             setup_logger()
+        # a test set of other classes stops the run now, not at the first evaluation
+        check_test_sets(cfg.MODEL.RETINANET.NUM_CLASSES, cfg.DATASETS.TRAIN, cfg.DATASETS.TEST)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -240,8 +241,7 @@ class RetinaFocalTrainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_folder_name(dataset_name))
         DatasetCatalog.get(dataset_name)  # datasets generated on first use must exist now
-        check_num_classes(cfg.MODEL.RETINANET.NUM_CLASSES, [dataset_name])
-        check_same_classes(cfg.DATASETS.TRAIN, dataset_name)
+        check_test_sets(cfg.MODEL.RETINANET.NUM_CLASSES, cfg.DATASETS.TRAIN, [dataset_name])
         coco_json_for_evaluation(dataset_name, output_folder)  # VOC and CSV sets
         return evaluator_class(cfg.TEST.EVALUATOR)(
             dataset_name, output_dir=output_folder, score_thresh=cfg.MODEL.RETINANET.SCORE_THRESH_TEST

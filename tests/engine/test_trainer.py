@@ -86,3 +86,20 @@ def test_log_period_is_the_writer_hooks_and_the_writers_are_built_once(tmp_path)
     with open(os.path.join(str(tmp_path), "metrics.json")) as f:
         iterations = [json.loads(line)["iteration"] for line in f]
     assert iterations == [1, 3]  # every LOG_PERIOD iterations (and the last)
+
+
+def test_a_test_set_of_other_classes_stops_the_run_before_the_first_iteration(tmp_path):
+    """With NUM_CLASSES 0 a test set whose classes are in another order used to fail only at the
+    first evaluation (400 iterations of the demo lost, and no checkpoint)."""
+    from tests.data.test_formats import _csv, _image
+
+    for split, classes in (("train", ["cat", "dog"]), ("test", ["dog", "cat"])):
+        folder = tmp_path / split
+        _image(folder / "a.png")
+        _csv(folder, ["a.png,1,2,30,20,dog"], classes)
+    specs = [f"csv:{tmp_path / s / 'ann.csv'}:{tmp_path / s / 'classes.csv'}" for s in ("train", "test")]
+    cfg = load_config(DEMO, ["OUTPUT_DIR", str(tmp_path / "out"), "MODEL.RETINANET.NUM_CLASSES", 0,
+                             "DATASETS.TRAIN", (specs[0],), "DATASETS.TEST", (specs[1],)])
+    with pytest.raises(ValueError, match=r"has the classes \['dog', 'cat'\], the training set .* has \['cat', 'dog'\]"):
+        RetinaFocalTrainer(cfg)
+    assert not os.path.exists(os.path.join(str(tmp_path / "out"), "metrics.json"))
