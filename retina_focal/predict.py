@@ -67,7 +67,7 @@ from retina_focal.data.checks import (
     read_usable_image,
     resize_problem,
 )
-from retina_focal.diagnostics.thresholds import THRESHOLDS_FILE, read_thresholds
+from retina_focal.diagnostics.thresholds import DEFAULT_THRESHOLD, THRESHOLDS_FILE, read_thresholds
 from retina_focal.export.backends import (
     add_backend_argument,
     backend_opts,
@@ -79,7 +79,7 @@ from retina_focal.export.predictor import BatchPredictor, model_input  # noqa: F
 # retina_focal.predict.model_input and .BatchPredictor stay importable from here for one release.
 __all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "find_inputs", "overwrite_problem", "predict", "main"]
 
-DEFAULT_CONFIDENCE = 0.3
+DEFAULT_CONFIDENCE = DEFAULT_THRESHOLD
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg")
 _VIDEO_CODEC = "MJPG"  # written as .avi: OpenCV's pip wheels always have it

@@ -35,7 +35,7 @@ from tools.error_analysis import add_results_arguments, dataset_and_results  # n
 def table(thresholds: Sequence[ClassThreshold]) -> str:
     lines = [f"{'class':<14}{'threshold':>10}{'precision':>10}{'recall':>8}{'F1':>7}{'boxes':>7}"]
     lines += [f"{t.name:<14}{t.threshold:10.3f}{t.precision:10.3f}{t.recall:8.3f}{t.f1:7.3f}{t.num_ground_truth:7d}"
-              for t in thresholds]
+              + ("  (not tuned: the default)" if not t.tuned else "") for t in thresholds]
     return "\n".join(lines)
 
 

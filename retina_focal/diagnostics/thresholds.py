@@ -8,6 +8,7 @@ precision). The result is a ``MODEL.RETINA_FOCAL.CLASS_SCORE_THRESH`` line and a
 that ``retina-focal-predict`` reads beside the weights (:data:`THRESHOLDS_FILE`).
 """
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
@@ -17,10 +18,13 @@ from detectron2.structures import Boxes, pairwise_iou
 
 from retina_focal.diagnostics.error_analysis import ImageBoxes
 
-__all__ = ["THRESHOLDS_FILE", "ClassThreshold", "read_thresholds", "scores_at_threshold", "tune_thresholds", "write_thresholds"]
+__all__ = ["DEFAULT_THRESHOLD", "THRESHOLDS_FILE", "ClassThreshold", "read_thresholds", "scores_at_threshold", "tune_thresholds", "write_thresholds"]
 
 THRESHOLDS_FILE = "class_thresholds.json"  # beside MODEL.WEIGHTS; retina-focal-predict reads it
 MATCH_IOU = 0.5
+DEFAULT_THRESHOLD = 0.3  # retina-focal-predict's --confidence without a thresholds file
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +37,7 @@ class ClassThreshold:
     recall: float
     f1: float
     num_ground_truth: int
+    tuned: bool = True  # False: the class could not be tuned and keeps the default threshold
 
 
 def _class_matches(ground_truth: Dict[int, ImageBoxes], detections: Dict[int, ImageBoxes], k: int):
@@ -77,9 +82,12 @@ def tune_thresholds(
     detections: Dict[int, ImageBoxes],
     class_names: Sequence[str],
     target_precision: Optional[float] = None,
+    default: float = DEFAULT_THRESHOLD,
 ) -> List[ClassThreshold]:
-    """One :class:`ClassThreshold` per class (module docstring). A class that no detection
-    matches gets threshold 1.0 (nothing kept) and zeros."""
+    """One :class:`ClassThreshold` per class (module docstring). A class that cannot be tuned
+    (no box of it in the set, no detection of it matching one, or the target precision never
+    reached) keeps ``default`` (``tuned`` False), with a warning: a threshold of 1.0 would
+    remove the class from every later prediction."""
     out = []
     for k, name in enumerate(class_names):
         scores, precision, recall, f1, num_gt = _class_curve(ground_truth, detections, k)
@@ -88,7 +96,9 @@ def tune_thresholds(
         else:
             candidates = torch.where(precision >= target_precision, recall, torch.full_like(recall, -1.0))
         if len(candidates) == 0 or candidates.max() <= 0:
-            out.append(ClassThreshold(name, 1.0, 0.0, 0.0, 0.0, num_gt))
+            why = "no box of it in the tuning set" if num_gt == 0 else "no detection of it matches a box at the criterion"
+            logger.warning(f"class {name!r} cannot be tuned ({why}): it keeps the default threshold {default}")
+            out.append(ClassThreshold(name, default, 0.0, 0.0, 0.0, num_gt, tuned=False))
             continue
         best = int(candidates.argmax())  # the first (highest-score) detection where the criterion peaks
         out.append(ClassThreshold(name, float(scores[best]), float(precision[best]), float(recall[best]), float(f1[best]), num_gt))
@@ -121,10 +131,15 @@ def write_thresholds(thresholds: Sequence[ClassThreshold], path: str, criterion:
 
 def read_thresholds(path: str, class_names: Sequence[str]) -> List[float]:
     """The thresholds of ``path`` in the order of ``class_names``; a ValueError if the file
-    was tuned for other classes."""
+    was tuned for other classes. A threshold of 1 or more (files of older versions gave it to
+    classes they could not tune) is warned about: that class is never predicted."""
     with open(path) as f:
         classes = json.load(f)["classes"]
     names = [c["name"] for c in classes]
     if names != list(class_names):
         raise ValueError(f"{path} holds thresholds for the classes {names}, the model has {list(class_names)}")
+    never = [c["name"] for c in classes if float(c["threshold"]) >= 1.0]
+    if never:
+        logger.warning(f"{path}: the classes {never} have a threshold of 1 or more and will never be predicted; "
+                       "tune again (tools/tune_thresholds.py) or pass --confidence")
     return [float(c["threshold"]) for c in classes]

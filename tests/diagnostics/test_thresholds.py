@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from retina_focal.diagnostics.error_analysis import ImageBoxes
-from retina_focal.diagnostics.thresholds import read_thresholds, scores_at_threshold, tune_thresholds
+from retina_focal.diagnostics.thresholds import (
+    ClassThreshold,
+    read_thresholds,
+    scores_at_threshold,
+    tune_thresholds,
+    write_thresholds,
+)
 from retina_focal.predict import main as predict_main
 from tests.test_train_net import CONFIG, TINY, trained  # noqa: F401  (the module's trained model)
 from tools import tune_thresholds as tool
@@ -27,7 +33,7 @@ def test_f1_and_target_precision_by_hand():
     best_f1, nothing = tune_thresholds(gt, det, names)
     assert (best_f1.threshold, best_f1.precision, best_f1.recall) == pytest.approx((0.7, 2 / 3, 1.0))
     assert best_f1.f1 == pytest.approx(0.8) and best_f1.num_ground_truth == 2
-    assert (nothing.threshold, nothing.recall) == (1.0, 0.0)  # class b: no box, no detection
+    assert (nothing.threshold, nothing.recall, nothing.tuned) == (0.3, 0.0, False)  # class b: no box: the default
     precise, _ = tune_thresholds(gt, det, names, target_precision=0.9)
     assert (precise.threshold, precise.precision, precise.recall) == pytest.approx((0.9, 1.0, 0.5))
     fixed, empty = scores_at_threshold(gt, det, names, 0.75)  # keeps 0.9 (hit) and 0.8 (miss)
@@ -57,3 +63,23 @@ def test_the_tool_writes_the_json_beside_the_weights_and_predict_uses_it(trained
     assert predict_main(["--config-file", CONFIG, "--input", image, "--output", str(tmp_path / "p"), "MODEL.WEIGHTS", weights]
                         + [str(v) for v in TINY]) == 0
     assert f"per-class thresholds from {path}" in capsys.readouterr().out
+
+
+def test_a_class_that_cannot_be_tuned_keeps_the_default_with_a_warning(caplog):
+    """A tuning set without a box of class 'blob' used to write 'blob: 1.0', and predict then
+    never drew a blob again."""
+    gt = {1: _boxes([[0, 0, 10, 10, 0], [20, 20, 30, 30, 1]])}
+    det = {1: _boxes([[0, 0, 10, 10, 0], [60, 60, 70, 70, 1], [40, 40, 50, 50, 2]], [0.9, 0.8, 0.7])}
+    with caplog.at_level("WARNING", logger="retina_focal.diagnostics.thresholds"):
+        a, b, blob = tune_thresholds(gt, det, ["a", "b", "blob"], default=0.25)
+    assert a.tuned and a.threshold == pytest.approx(0.9)
+    assert (b.threshold, b.tuned) == (0.25, False) and (blob.threshold, blob.tuned) == (0.25, False)
+    assert "class 'b' cannot be tuned (no detection of it matches a box at the criterion)" in caplog.text
+    assert "class 'blob' cannot be tuned (no box of it in the tuning set): it keeps the default threshold 0.25" in caplog.text
+
+
+def test_reading_a_threshold_of_one_warns_that_the_class_is_never_predicted(tmp_path, caplog):
+    path = write_thresholds([ClassThreshold("a", 0.4, 1, 1, 1, 1), ClassThreshold("blob", 1.0, 0, 0, 0, 0)], str(tmp_path / "t.json"), "x")
+    with caplog.at_level("WARNING", logger="retina_focal.diagnostics.thresholds"):
+        assert read_thresholds(path, ["a", "blob"]) == [0.4, 1.0]
+    assert "the classes ['blob'] have a threshold of 1 or more and will never be predicted" in caplog.text
