@@ -11,6 +11,7 @@ from detectron2.utils.logger import setup_logger
 from retina_focal.config.load import config_and_notes
 from retina_focal.diagnostics.anchor_coverage import fit_anchors
 from retina_focal.engine.launch import end_with_launcher
+from retina_focal.engine.run_lock import hold_output_dir
 from retina_focal.engine.trainer import RetinaFocalTrainer
 from retina_focal.export.backends import add_backend_argument, backend_opts
 from retina_focal.export.predictor import load_inference_model
@@ -39,13 +40,16 @@ def setup(args):
     (and, with ``--fit-anchors``, anchors fitted to the training boxes). ``--config-file`` may
     name a packaged config (``retina_focal.model_zoo``); ``args.config_file`` becomes its path,
     which detectron2's ``default_setup`` copies into the log. A worker of a multi-process run
-    ends with its launcher (:func:`retina_focal.engine.launch.end_with_launcher`)."""
+    ends with its launcher (:func:`retina_focal.engine.launch.end_with_launcher`); the main
+    process of a training run holds the OUTPUT_DIR (:func:`retina_focal.engine.run_lock.hold_output_dir`)."""
     end_with_launcher()
     args.config_file = find_config_file(args.config_file)
     cfg, notes = config_and_notes(args.config_file, backend_opts(args) + list(args.opts))
     if getattr(args, "fit_anchors", False):
         notes.append(fit_anchors(cfg))
     cfg.freeze()
+    if comm.is_main_process() and not getattr(args, "eval_only", False):  # before default_setup writes config.yaml
+        hold_output_dir(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retina_focal")  # into log.txt
     for note in notes:  # logged now that the logger writes to the console and log.txt

@@ -32,6 +32,7 @@ from retina_focal.data import (
 )
 from retina_focal.engine.amp import build_step_trainer
 from retina_focal.engine.launch import end_with_launcher
+from retina_focal.engine.run_lock import hold_output_dir
 from retina_focal.export.predictor import inference_model
 from retina_focal.model_zoo.model_zoo import find_config_file
 
@@ -64,6 +65,8 @@ def lazy_setup(args):
     register_builtin_shapes()
     for name in _names(cfg.dataloader.train.dataset) + _names(cfg.dataloader.test.dataset):
         register_dataset(name)
+    if comm.is_main_process() and not getattr(args, "eval_only", False):  # before default_setup writes there
+        hold_output_dir(cfg.train.output_dir)
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="retina_focal")
     return cfg
