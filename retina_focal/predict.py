@@ -69,6 +69,7 @@ from retina_focal.data.checks import (
 )
 from retina_focal.diagnostics.thresholds import DEFAULT_THRESHOLD, THRESHOLDS_FILE, read_thresholds
 from retina_focal.export.backends import (
+    BackendBuildError,
     add_backend_argument,
     backend_opts,
     check_backend_settings,
@@ -305,6 +306,8 @@ def _predict_batch(predictor: BatchPredictor, batch: List[Frame], skipped: List[
     frame on which it still raises is skipped with the error."""
     try:
         return list(zip(batch, predictor([f.image for f in batch])))
+    except BackendBuildError:  # no image can be predicted: the run stops (main: exit 2)
+        raise
     except Exception as e:  # e.g. out of memory on one huge image: the run goes on
         if len(batch) == 1:
             _skip(skipped, _frame_name(batch[0]), f"the model failed on it ({type(e).__name__}: {e})")
@@ -476,6 +479,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results: List[Dict] = []
     try:
         predict(predictor, metadata, inputs, confidence=confidence, batch_size=args.batch_size, results=results)
+    except BackendBuildError as e:  # at the first image: nothing was predicted
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:  # also when interrupted: what was predicted is kept
         _write_results(results, json_file, args, confidence)
         if inputs.skipped:

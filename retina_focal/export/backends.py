@@ -51,6 +51,7 @@ from retina_focal.export import (
 
 __all__ = [
     "INFERENCE_BACKEND_REGISTRY",
+    "BackendBuildError",
     "BackendModel",
     "add_backend_argument",
     "backend_opts",
@@ -249,17 +250,37 @@ def example_image(model: nn.Module, size: Size) -> Tensor:
     return padded_for_export(model, torch.zeros(1, 3, height, width, device=model.device))
 
 
-class PerSizePrograms:
-    """A network that builds (or loads) the program of each :func:`program_size` on first use."""
+class BackendBuildError(RuntimeError):
+    """A backend's program could not be built or loaded (no C++ compiler, an unwritable cache,
+    an export error): the run cannot go on with this backend, whatever the image."""
 
-    def __init__(self, model: nn.Module, load: Callable[[Size], Network]):
-        self.model, self.load = model, load
+
+class PerSizePrograms:
+    """A network that builds (or loads) the program of each :func:`program_size` on first use.
+
+    A program that fails to build raises :class:`BackendBuildError`, once: the failure is kept
+    and raised again at once for every later image, not built again (a failed AOTInductor
+    build takes minutes)."""
+
+    def __init__(self, model: nn.Module, load: Callable[[Size], Network], name: str):
+        self.model, self.load, self.name = model, load, name
         self.programs: Dict[Size, Network] = {}
+        self.failure: Optional[BackendBuildError] = None
 
     def __call__(self, image: Tensor) -> Sequence:
+        if self.failure is not None:
+            raise self.failure
         size = program_size(self.model, image)
         if size not in self.programs:
-            self.programs[size] = self.load(size)
+            try:
+                self.programs[size] = self.load(size)
+            except Exception as e:
+                self.failure = BackendBuildError(
+                    f"TEST.BACKEND.NAME {self.name}: the {size_label(size)} program could not be built or loaded "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); use TEST.BACKEND.NAME eager, "
+                    "or fix the cause (a C++ compiler for compiled, a writable TEST.BACKEND.CACHE_DIR)"
+                )
+                raise self.failure from e
         return self.programs[size](image)
 
 
@@ -282,7 +303,7 @@ def compiled(cfg, model: nn.Module) -> Network:
         path = cached(os.path.join(cache_dir(cfg), f"compiled-{key}-{label}.pt2"), build, f"compiled backend ({label})")
         return loaded(path, torch._inductor.aoti_load_package)
 
-    return PerSizePrograms(model, load)
+    return PerSizePrograms(model, load, "compiled")
 
 
 @INFERENCE_BACKEND_REGISTRY.register()
@@ -310,7 +331,7 @@ def onnxruntime(cfg, model: nn.Module) -> Network:
         return lambda image: session.run(None, {"image": image.cpu().numpy()})
 
     logger.info(f"onnxruntime backend ({'int8' if cfg.TEST.BACKEND.INT8 else 'float32'}), {options.intra_op_num_threads} threads")
-    return PerSizePrograms(model, load)
+    return PerSizePrograms(model, load, "onnxruntime")
 
 
 # --------------------------------------------------------------------------------- int8

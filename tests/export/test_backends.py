@@ -289,3 +289,22 @@ def test_predict_names_a_backend_setting_that_fits_nothing(saved, capsys):
             "TEST.BACKEND.INT8", "True", "MODEL.WEIGHTS", weights]
     assert predict_main(args) == 2
     assert "error: TEST.BACKEND.INT8 True needs TEST.BACKEND.NAME onnxruntime, got 'compiled'" in capsys.readouterr().err
+
+
+def test_a_backend_that_cannot_build_is_one_error_not_a_build_per_image(saved, capsys, monkeypatch):
+    """Without a C++ compiler, predict --backend compiled used to export and build again for
+    each image (~3 min each) and report every image as failed (exit 1)."""
+    config, weights, images, root = saved
+    calls = []
+
+    def no_compiler(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("C++ compile error: g++ not found")
+
+    monkeypatch.setattr(torch.export, "export", no_compiler)
+    code = predict_main(["--config-file", config, "--input", images, "--output", str(root / "no_compiler"),
+                         "--backend", "compiled", "TEST.BACKEND.CACHE_DIR", str(root / "empty_cache"), "MODEL.WEIGHTS", weights])
+    err = capsys.readouterr().err
+    assert code == 2 and len(calls) == 1
+    assert "TEST.BACKEND.NAME compiled: the 128x128 program could not be built or loaded (RuntimeError: C++ compile error" in err
+    assert "the model failed on it" not in err
