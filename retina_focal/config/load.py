@@ -60,4 +60,20 @@ def _resolve_class_balanced_alpha(cfg) -> Optional[str]:
             if not ann.get("iscrowd", 0) and 0 <= ann["category_id"] < len(counts):
                 counts[ann["category_id"]] += 1
     loss_cfg.CLASS_ALPHA = class_balanced_alpha(counts, cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA, beta)
+    _warn_extreme_alpha(loss_cfg.CLASS_ALPHA, counts, beta)
     return f"LOSS.CLASS_BALANCED_BETA {beta}: boxes per class {counts} -> CLASS_ALPHA {list(loss_cfg.CLASS_ALPHA)}"
+
+
+_EXTREME_ALPHA = 0.01  # below it a class's positives (α) or, from 1 - it, its negatives (1 − α) all but vanish from the loss
+
+
+def _warn_extreme_alpha(alphas, counts, beta) -> None:
+    """Warn about classes whose class-balanced α reached 1 (their negatives weigh 0) or about 0
+    (their positives weigh nothing)."""
+    extreme = [(k, a, n) for k, (a, n) in enumerate(zip(alphas, counts)) if a >= 1.0 - _EXTREME_ALPHA or a <= _EXTREME_ALPHA]
+    if extreme:
+        listed = ", ".join(f"class {k} ({n} boxes): α {a}" for k, a, n in extreme)
+        logger.warning(
+            f"LOSS.CLASS_BALANCED_BETA {beta}: {listed}. At α = 1 a class's negatives weigh 0 in the focal loss "
+            "(1 − α), at α near 0 its positives do; a smaller BETA (or CLASS_ALPHA set by hand) keeps them in"
+        )

@@ -63,3 +63,25 @@ def test_match_every_gt_selects_the_repairing_matcher():
     assert not isinstance(RetinaFocalTrainer.build_model(small_cfg()).anchor_matcher, EveryGTMatcher)
     model = RetinaFocalTrainer.build_model(small_cfg("MODEL.RETINA_FOCAL.MATCH_EVERY_GT", True))
     assert isinstance(model.anchor_matcher, EveryGTMatcher)
+
+
+def test_class_balanced_alpha_that_reaches_0_or_1_is_warned(caplog):
+    """Counts [300 x 4, 2] gave α = [0.009.., 1.0]: the rare class's negatives weighed 0, logged
+    but not warned."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from retina_focal.config.load import _resolve_class_balanced_alpha
+
+    name = "config_long_tail"
+    records = [{"file_name": f"{i}.png", "image_id": i, "height": 8, "width": 8,
+                "annotations": [{"bbox": [0, 0, 4, 4], "bbox_mode": 0, "category_id": k} for k in range(4)]} for i in range(300)]
+    records[0]["annotations"] += [{"bbox": [0, 0, 4, 4], "bbox_mode": 0, "category_id": 4}] * 2
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: records)
+        MetadataCatalog.get(name).set(thing_classes=list("abcde"))
+    cfg = small_cfg("DATASETS.TRAIN", (name,), "MODEL.RETINANET.NUM_CLASSES", 5, "MODEL.RETINA_FOCAL.LOSS.CLASS_BALANCED_BETA", 0.999)
+    cfg.defrost()
+    with caplog.at_level(logging.WARNING, logger="retina_focal.config.load"):
+        _resolve_class_balanced_alpha(cfg)
+    assert cfg.MODEL.RETINA_FOCAL.LOSS.CLASS_ALPHA[4] == 1.0
+    assert "class 4 (2 boxes): α 1.0" in caplog.text and "negatives weigh 0" in caplog.text
