@@ -152,14 +152,15 @@ def _image_size(path: str, where: str) -> Tuple[int, int]:
 
 def _class_names_file(path: str, kind: str) -> List[str]:
     """Names in id order from ``name,id`` rows (CSV) or one name per line (VOC classes.txt)."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first name
         if kind == "txt":
             return [line.strip() for line in f if line.strip()]
         rows = [row for row in csv.reader(f) if row]
     by_id = {}
     for line, row in enumerate(rows, 1):
         if len(row) != 2 or not row[1].strip().lstrip("-").isdigit():
-            raise ValueError(f"{path} line {line}: expected 'class_name,id', got {','.join(row)!r}")
+            header = " (a header row? keras-retinanet's classes file has none: delete it)" if line == 1 else ""
+            raise ValueError(f"{path} line {line}: expected rows 'class_name,id' with an integer id, got {','.join(row)!r}{header}")
         by_id[int(row[1])] = row[0].strip()
     if sorted(by_id) != list(range(len(by_id))):
         raise ValueError(f"{path}: class ids must be 0..{len(by_id) - 1}, got {sorted(by_id)}")
@@ -182,7 +183,7 @@ def load_csv(csv_file: str, classes_file: Optional[str] = None, ignore_class: st
         ignore_class (str): rows of this class are crowd regions (not a class); "" = none.
     """
     root = os.path.dirname(os.path.abspath(csv_file))
-    with open(csv_file, newline="") as f:
+    with open(csv_file, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first path
         rows = list(enumerate(csv.reader(f), 1))
     rows = [(line, [v.strip() for v in row]) for line, row in rows if row and any(v.strip() for v in row)]
     for line, row in rows:
@@ -198,6 +199,8 @@ def load_csv(csv_file: str, classes_file: Optional[str] = None, ignore_class: st
         record = images.record(file_name, *_image_size(file_name, where), where)
         if not any((x1, y1, x2, y2, name)):
             continue  # an image without objects
+        if not name:
+            raise ValueError(f"{where}: box {[x1, y1, x2, y2]} has no class name (the 6th field is empty)")
         if name in unknown:
             raise ValueError(f"{where}: class {name!r} is not in {classes_file} ({classes})")
         box = [_number(v, where, field) for v, field in zip((x1, y1, x2, y2), ("x1", "y1", "x2", "y2"))]

@@ -104,6 +104,8 @@ def test_csv_rows_empty_images_relative_paths_classes_and_clipping(tmp_path, cap
         ("img/a.png,1,2,30,20,cow", ["dog"], "line 2: class 'cow' is not in"),
         ("img/missing.png,1,2,30,20,dog", None, r"line 2: image .*missing.png: no such file"),
         ("notes.txt,1,2,30,20,dog", None, r"line 2: image .*notes.txt cannot be read \(UnidentifiedImageError"),
+        ("img/a.png,1,2,30,20,", None, r"line 2: box \['1', '2', '30', '20'\] has no class name \(the 6th field is empty\)"),
+        ("img/a.png,1,2,30,20,", ["dog"], r"line 2: box \['1', '2', '30', '20'\] has no class name"),
     ],
 )
 def test_csv_errors_name_the_file_and_line(tmp_path, line, classes, message):
@@ -229,3 +231,14 @@ def test_converted_ground_truth_follows_its_source(tmp_path):
     second, moved = ground_truth()
     assert second != first and moved != boxes
     assert moved == sorted(([x1, y1, 20.0, 20.0], c) for x1, y1, c in [(50.0, 10.0, 0), (10.0, 50.0, 1)])  # cat 0, dog 1
+
+
+def test_a_byte_order_mark_is_read_and_a_header_in_classes_csv_is_named(tmp_path):
+    _image(tmp_path / "img" / "a.png")
+    (tmp_path / "ann.csv").write_text("\ufeffimg/a.png,1,2,30,20,dog\n", encoding="utf-8")  # as Excel saves CSV
+    (tmp_path / "classes.csv").write_text("\ufeffdog,0\n", encoding="utf-8")
+    dicts, classes = load_csv(str(tmp_path / "ann.csv"), str(tmp_path / "classes.csv"))
+    assert classes == ["dog"] and dicts[0]["file_name"].endswith("img/a.png")
+    (tmp_path / "classes.csv").write_text("class_name,id\ndog,0\n")
+    with pytest.raises(ValueError, match=r"classes.csv line 1: .* got 'class_name,id' \(a header row\? .* delete it\)"):
+        load_csv(str(tmp_path / "ann.csv"), str(tmp_path / "classes.csv"))
