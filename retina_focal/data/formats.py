@@ -267,7 +267,28 @@ def load_voc(root: str, split: Optional[str] = None, difficult_as_crowd: bool = 
     return list(images.records.values()), classes
 
 
+def _check_coco_annotations(json_file: str) -> None:
+    """What detectron2's ``load_coco_json`` drops or fails on without naming it: annotations of
+    image ids that ``images`` does not list (dropped silently) and annotations without a
+    ``bbox`` (a bare ``KeyError: 'bbox'``)."""
+    with open(json_file) as f:
+        coco = json.load(f)
+    image_ids = {image["id"] for image in coco.get("images", [])}
+    annotations = coco.get("annotations", [])
+    orphans = [a for a in annotations if a.get("image_id") not in image_ids]
+    if orphans:
+        listed = ", ".join(f"id={a.get('id')} image_id={a.get('image_id')}" for a in orphans[:5])
+        raise ValueError(f"{json_file}: {len(orphans)} annotation(s) name an image_id that 'images' does not list ({listed}); "
+                         "they would be dropped without a word: add the images or remove the annotations")
+    boxless = [a for a in annotations if "bbox" not in a]
+    if boxless:
+        listed = ", ".join(f"id={a.get('id')} image_id={a.get('image_id')}" for a in boxless[:5])
+        raise ValueError(f"{json_file}: {len(boxless)} annotation(s) have no 'bbox' ({listed}); RetinaFocal needs a box "
+                         "for every annotation (segmentation-only annotations: derive their boxes first)")
+
+
 def _load_coco(json_file: str, image_dir: Optional[str], name: str) -> Tuple[List[Dict], List[str]]:
+    _check_coco_annotations(json_file)
     dicts = load_coco_json(json_file, image_dir or os.path.dirname(os.path.abspath(json_file)), dataset_name=name)
     images, problems = _Images(), _Problems(json_file)
     for record in dicts:

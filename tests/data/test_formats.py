@@ -242,3 +242,18 @@ def test_a_byte_order_mark_is_read_and_a_header_in_classes_csv_is_named(tmp_path
     (tmp_path / "classes.csv").write_text("class_name,id\ndog,0\n")
     with pytest.raises(ValueError, match=r"classes.csv line 1: .* got 'class_name,id' \(a header row\? .* delete it\)"):
         load_csv(str(tmp_path / "ann.csv"), str(tmp_path / "classes.csv"))
+
+
+def test_coco_annotations_of_unlisted_images_or_without_a_box_are_named(tmp_path):
+    """detectron2 dropped the first without a word and stopped on the second with KeyError: 'bbox'."""
+    _image(tmp_path / "a.png")
+    coco = {"images": [{"id": 1, "file_name": "a.png", "height": 40, "width": 60}], "categories": [{"id": 7, "name": "cat"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 1, 10, 10], "iscrowd": 0, "area": 100}]}
+    orphan = dict(coco, annotations=coco["annotations"] + [dict(coco["annotations"][0], id=2, image_id=17)])
+    (tmp_path / "orphan.json").write_text(json.dumps(orphan))
+    with pytest.raises(ValueError, match=r"orphan.json: 1 annotation\(s\) name an image_id that 'images' does not list \(id=2 image_id=17\)"):
+        register_dataset(f"coco:{tmp_path / 'orphan.json'}")
+    boxless = dict(coco, annotations=[{"id": 3, "image_id": 1, "category_id": 7, "segmentation": [[1, 1, 5, 1, 5, 5]]}])
+    (tmp_path / "boxless.json").write_text(json.dumps(boxless))
+    with pytest.raises(ValueError, match=r"boxless.json: 1 annotation\(s\) have no 'bbox' \(id=3 image_id=1\)"):
+        register_dataset(f"coco:{tmp_path / 'boxless.json'}")
