@@ -73,11 +73,14 @@ class DatasetSpec:
 
     @classmethod
     def parse(cls, name: str) -> Optional["DatasetSpec"]:
-        """The spec ``name`` is, or None for a plain (registered) dataset name."""
+        """The spec ``name`` is, or None for a plain (registered) dataset name. The path ends at
+        the first ``:`` after which what comes before exists (so a folder with a ``:`` in its
+        name works), else at the first ``:``."""
         prefix, sep, rest = name.partition(":")
         if not sep or prefix not in SPEC_FORMATS:
             return None
-        path, _, extra = rest.partition(":")
+        splits = [(rest[:i], rest[i + 1 :]) for i, c in enumerate(rest) if c == ":"] + [(rest, "")]
+        path, extra = next(((p, e) for p, e in splits if os.path.exists(os.path.expanduser(p))), rest.partition(":")[::2])
         if not path:
             raise ValueError(f"dataset spec {name!r} names no file: use {prefix}:<path>")
         return cls(prefix, os.path.expanduser(path), os.path.expanduser(extra) if extra else None)
@@ -323,7 +326,10 @@ def register_dataset(name: str, *, voc_difficult_as_crowd: bool = False, csv_ign
     if spec is None or name in DatasetCatalog.list():
         return None
     if not os.path.exists(spec.path):
-        raise FileNotFoundError(f"dataset {name!r}: no such file or folder {spec.path}")
+        raise FileNotFoundError(
+            f"dataset {name!r}: no such file or folder {spec.path} (a spec is <format>:<path>[:<second file>]; "
+            "a ':' in a path is read as part of it only when the path before it exists)"
+        )
     dicts, classes = _loader(spec, name, voc_difficult_as_crowd, csv_ignore_class)()
     DatasetCatalog.register(name, lambda: dicts)
     metadata = MetadataCatalog.get(name)

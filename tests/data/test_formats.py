@@ -257,3 +257,13 @@ def test_coco_annotations_of_unlisted_images_or_without_a_box_are_named(tmp_path
     (tmp_path / "boxless.json").write_text(json.dumps(boxless))
     with pytest.raises(ValueError, match=r"boxless.json: 1 annotation\(s\) have no 'bbox' \(id=3 image_id=1\)"):
         register_dataset(f"coco:{tmp_path / 'boxless.json'}")
+
+
+def test_a_colon_in_a_folder_name_is_part_of_the_path(tmp_path):
+    folder = tmp_path / "run:2"
+    _image(folder / "img" / "a.png")
+    csv_file, classes_file = _csv(folder, ["img/a.png,1,2,30,20,dog"], ["dog"])
+    assert DatasetSpec.parse(f"csv:{csv_file}") == DatasetSpec("csv", csv_file, None)
+    assert DatasetSpec.parse(f"csv:{csv_file}:{classes_file}") == DatasetSpec("csv", csv_file, classes_file)
+    with pytest.raises(FileNotFoundError, match=r"no such file or folder .*nowhere \(a spec is <format>:<path>\[:<second file>\]"):
+        register_dataset(f"csv:{tmp_path / 'nowhere:x' / 'ann.csv'}")
