@@ -1,12 +1,13 @@
 """Bad config values fail at build time naming the key; ignored keys get a warning."""
 import logging
+import os
 
 import pytest
 
 from retina_focal.config.defaults import warn_ignored_settings
 from retina_focal.engine.trainer import RetinaFocalTrainer
 from retina_focal.modeling.matching import EveryGTMatcher
-from tests.conftest import small_cfg
+from tests.conftest import REPO, small_cfg
 
 
 @pytest.mark.parametrize(
@@ -85,3 +86,16 @@ def test_class_balanced_alpha_that_reaches_0_or_1_is_warned(caplog):
         _resolve_class_balanced_alpha(cfg)
     assert cfg.MODEL.RETINA_FOCAL.LOSS.CLASS_ALPHA[4] == 1.0
     assert "class 4 (2 boxes): α 1.0" in caplog.text and "negatives weigh 0" in caplog.text
+
+
+def test_tta_sizes_follow_the_test_size_unless_set():
+    """TEST.AUG.ENABLED alone on the 128-px demo evaluated at detectron2's 400-1200 px."""
+    from retina_focal.config.load import load_config
+
+    demo = os.path.join(REPO, "configs", "Shapes-Detection", "retina_focal_R_18_FPN_demo.yaml")
+    cfg = load_config(demo, ["TEST.AUG.ENABLED", True])
+    assert tuple(cfg.TEST.AUG.MIN_SIZES) == (64, 80, 96, 112, 128, 144, 160, 176, 192) and cfg.TEST.AUG.MAX_SIZE == 384
+    kept = load_config(demo, ["TEST.AUG.ENABLED", True, "TEST.AUG.MIN_SIZES", (100, 128)])
+    assert tuple(kept.TEST.AUG.MIN_SIZES) == (100, 128) and kept.TEST.AUG.MAX_SIZE == 4000  # set: kept as given
+    coco = load_config(os.path.join(REPO, "configs", "COCO-Detection", "retina_focal_R_50_FPN_1x.yaml"), ["TEST.AUG.ENABLED", True])
+    assert tuple(coco.TEST.AUG.MIN_SIZES) == (400, 500, 600, 700, 800, 900, 1000, 1100, 1200)  # 800-px test size: as is
