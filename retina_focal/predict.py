@@ -55,7 +55,7 @@ from typing import (
 import cv2
 import numpy as np
 import torch
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
@@ -272,11 +272,13 @@ def _frame_count(path: str) -> int:
 
 
 def _metadata(cfg):
-    """The first test set's metadata when its classes fit the model (names, COCO ids); else none."""
-    if cfg.DATASETS.TEST:
-        metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-        if len(metadata.get("thing_classes", [])) == cfg.MODEL.RETINANET.NUM_CLASSES:
-            return metadata
+    """The metadata (class names, COCO ids) of the first training set, else of the first test
+    set, registered here whose classes fit the model; else none (classes drawn by number)."""
+    for name in list(cfg.DATASETS.TRAIN[:1]) + list(cfg.DATASETS.TEST[:1]):
+        if name in DatasetCatalog.list():
+            metadata = MetadataCatalog.get(name)
+            if len(metadata.get("thing_classes", [])) == cfg.MODEL.RETINANET.NUM_CLASSES:
+                return metadata
     return MetadataCatalog.get("__retina_focal_predict_no_dataset__")
 
 
@@ -459,7 +461,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if problem:
         print(f"error: {problem}; no drawing or result was written", file=sys.stderr)
         return 2
-    cfg = load_config(args.config_file, backend_opts(args) + args.opts)
+    cfg = load_config(args.config_file, backend_opts(args) + args.opts, for_inference=True)
     try:
         check_backend_settings(cfg)
     except ValueError as e:

@@ -15,7 +15,8 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from retina_focal.checkpoint import RetinaFocalCheckpointer
-from retina_focal.predict import main
+from retina_focal.config.load import load_config
+from retina_focal.predict import _metadata, main
 
 from tests.conftest import REPO, small_cfg
 
@@ -312,3 +313,30 @@ def test_inputs_with_one_file_name_keep_a_drawing_each_under_their_relative_path
     assert cv2.imread(str(out / "a" / "img0.png")).shape[:2] == (64, 80)
     assert cv2.imread(str(out / "b" / "img0.png")).shape[:2] == (72, 96)
     assert {r["file_name"] for r in _results(out / "results.json")} == {a[0], b[0]}
+
+
+def test_a_runs_config_predicts_without_its_training_data_and_names_classes_from_the_training_set(model_files, tmp_path, capsys):
+    """The run's config.yaml keeps its dataset specs: predict and export needed the training
+    data on the machine, and took class names from DATASETS.TEST[0] only."""
+    import shutil
+
+    from tests.data.test_formats import _csv, _image
+
+    _, weights, cfg = model_files
+    data = tmp_path / "data"
+    _image(data / "a.png")
+    _csv(data, ["a.png,1,2,30,20,dog"], ["cat", "dog", "cow"])
+    train = f"csv:{data / 'ann.csv'}:{data / 'classes.csv'}"
+    config = tmp_path / "config.yaml"
+    run_cfg = cfg.clone()
+    run_cfg.DATASETS.TRAIN, run_cfg.DATASETS.TEST = (train,), ()
+    config.write_text(run_cfg.dump())
+    (image,) = _images(tmp_path / "in", [(64, 80)])
+    args = ["--config-file", str(config), "--input", image, "--confidence", "0", "MODEL.WEIGHTS", weights]
+    assert main(args[:4] + ["--output", str(tmp_path / "named")] + args[4:]) == 0
+    assert _metadata(load_config(str(config), for_inference=True)).thing_classes == ["cat", "dog", "cow"]
+    shutil.rmtree(data)  # another machine (a new process): the weights and the config, no training data
+    bare = subprocess.run([sys.executable, "-m", "retina_focal.predict", *args[:4], "--output", str(tmp_path / "bare"), *args[4:]],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bare.returncode == 0, bare.stderr[-2000:]
+    assert _results(tmp_path / "bare" / "results.json")  # exit 0 and detections, without the data

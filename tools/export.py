@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE, e.g. MODEL.WEIGHTS w.pth")
     args = parser.parse_args(argv)
     backend = backend_opts(args) + (["TEST.BACKEND.CACHE_DIR", os.path.abspath(args.output)] if args.backend else [])
-    cfg = load_config(args.config_file, backend + args.opts)
+    cfg = load_config(args.config_file, backend + args.opts, for_inference=True)
     try:
         check_backend_settings(cfg)
         model = load_inference_model(cfg, backend=False)

@@ -23,28 +23,32 @@ __all__ = ["config_and_notes", "load_config"]
 logger = logging.getLogger(__name__)
 
 
-def load_config(config_file: str, opts: Sequence = ()) -> CfgNode:
+def load_config(config_file: str, opts: Sequence = (), *, for_inference: bool = False) -> CfgNode:
     """detectron2's defaults + ``MODEL.RETINA_FOCAL`` + ``config_file`` (a path, or the name of
     a packaged config: ``retina_focal.model_zoo``) + ``KEY VALUE``
     overrides, not frozen. Registers the built-in shapes datasets and the dataset specs
     (``coco:``, ``voc:``, ``csv:``, retina_focal/data/formats.py) the config names, and
-    resolves ``MODEL.RETINANET.NUM_CLASSES 0`` to the training set's number of classes."""
-    cfg, notes = config_and_notes(config_file, opts)
+    resolves ``MODEL.RETINANET.NUM_CLASSES 0`` to the training set's number of classes. With
+    ``for_inference`` (predict, export) datasets that are not on this machine are left out, and
+    the training-only class-balanced α is not computed: a run's config.yaml works without its
+    training data once NUM_CLASSES is a number."""
+    cfg, notes = config_and_notes(config_file, opts, for_inference=for_inference)
     for note in notes:
         logger.info(note)
     return cfg
 
 
-def config_and_notes(config_file: str, opts: Sequence = ()) -> Tuple[CfgNode, List[str]]:
+def config_and_notes(config_file: str, opts: Sequence = (), *, for_inference: bool = False) -> Tuple[CfgNode, List[str]]:
     """:func:`load_config`'s config, and what it registered and resolved (for the log)."""
     register_builtin_shapes()
     cfg = get_cfg()
     add_retina_focal_config(cfg)
     cfg.merge_from_file(find_config_file(config_file))
     cfg.merge_from_list(list(opts))
-    notes = register_config_datasets(cfg)
+    notes = register_config_datasets(cfg, skip_missing=for_inference and cfg.MODEL.RETINANET.NUM_CLASSES != 0)
     notes.append(resolve_num_classes(cfg))
-    notes.append(_resolve_class_balanced_alpha(cfg))
+    if not for_inference:
+        notes.append(_resolve_class_balanced_alpha(cfg))
     notes.append(_resolve_tta_sizes(cfg))
     return cfg, [n for n in notes if n]
 

@@ -341,15 +341,20 @@ def register_dataset(name: str, *, voc_difficult_as_crowd: bool = False, csv_ign
     return f"Registered {name}: {len(dicts)} images, {len(classes)} classes {classes}"
 
 
-def register_config_datasets(cfg, extra: Sequence[str] = ()) -> List[str]:
+def register_config_datasets(cfg, extra: Sequence[str] = (), *, skip_missing: bool = False) -> List[str]:
     """Register every spec of ``DATASETS.TRAIN`` and ``DATASETS.TEST`` and of ``extra`` (e.g. a
-    tool's ``--dataset``) with ``cfg``'s ``DATASETS`` options; returns what was registered."""
-    notes = [
-        register_dataset(
+    tool's ``--dataset``) with ``cfg``'s ``DATASETS`` options; returns what was registered.
+    With ``skip_missing`` (inference: predict, export) a spec whose file is not there is left
+    out with a note instead of being an error."""
+    notes = []
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) + list(extra):
+        spec = DatasetSpec.parse(name)
+        if skip_missing and spec is not None and not os.path.exists(spec.path):
+            notes.append(f"dataset {name!r} is not here ({spec.path}): not registered (inference needs no data)")
+            continue
+        notes.append(register_dataset(
             name, voc_difficult_as_crowd=cfg.DATASETS.VOC_DIFFICULT_AS_CROWD, csv_ignore_class=cfg.DATASETS.CSV_IGNORE_CLASS
-        )
-        for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) + list(extra)
-    ]
+        ))
     return [n for n in notes if n]
 
 
