@@ -19,6 +19,7 @@ a run exactly (batch, world size, schedule, datasets) and refuses a resume that 
 import logging
 import os
 import re
+import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -116,6 +117,23 @@ def previous_checkpoint(path: str) -> Optional[str]:
     return os.path.join(directory, earlier[-1]) if earlier else None
 
 
+_FULL_DISK_BYTES = 64 * 2**20  # less free space than this after a failed save: the disk is the cause
+
+
+def _save_failure_note(path: str) -> str:
+    """What to say when saving ``path`` failed: the file, the free space where it goes, and
+    whether that is the cause. The previous checkpoint and last_checkpoint are untouched
+    (saves are atomic)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return f"while saving the checkpoint {path}"
+    full = "; the disk is full: free space or move OUTPUT_DIR, then --resume" if free < _FULL_DISK_BYTES else ""
+    return (f"while saving the checkpoint {path} ({free / 2**20:.0f} MiB free on its disk{full}); "
+            "the previous checkpoint and last_checkpoint are unchanged")
+
+
 def _first(keys: Sequence[str]) -> str:
     more = f", ... ({len(keys)} in all)" if len(keys) > _LISTED_KEYS else ""
     return ", ".join(keys[:_LISTED_KEYS]) + more
@@ -160,7 +178,11 @@ class RetinaFocalCheckpointer(DetectionCheckpointer):
         self.model.state_dict()``, then ``data.update(kwargs)``) and "model_ema" the raw ones."""
         if self.ema is not None:
             kwargs = {"model": self.ema.averaged_state_dict(), **kwargs}
-        super().save(name, **kwargs)
+        try:
+            super().save(name, **kwargs)
+        except Exception as e:  # e.g. a full disk: torch.save says only "unexpected pos ..."
+            e.add_note(_save_failure_note(os.path.join(self.save_dir, f"{name}.pth")))
+            raise
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         try:

@@ -189,3 +189,25 @@ def test_run_facts_refuse_a_changed_run_unless_allowed(caplog):
         allowed.load_state_dict(saved)
     assert allowed.changed == {"SOLVER.IMS_PER_BATCH": [2, 4]}
     assert "RESUME.ALLOW_CHANGES: resuming although SOLVER.IMS_PER_BATCH was 2, now 4" in caplog.text
+
+
+def test_a_save_that_fails_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    """ENOSPC during torch.save ended with "unexpected pos ..." and nothing else."""
+    import shutil
+    from collections import namedtuple
+
+    model = _model()
+    checkpointer = RetinaFocalCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_0000009")
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1048576 vs 1048512")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: namedtuple("usage", "total used free")(10, 10, 0))
+    with pytest.raises(RuntimeError, match="unexpected pos") as error:
+        checkpointer.save("model_0000019")
+    note = "\n".join(error.value.__notes__)
+    assert f"while saving the checkpoint {tmp_path}/model_0000019.pth (0 MiB free on its disk; the disk is full" in note
+    assert open(tmp_path / "last_checkpoint").read() == "model_0000009.pth"
+    assert not os.path.exists(tmp_path / "model_0000019.pth.partial")
