@@ -77,8 +77,9 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # 1:3 configs use it); "positive_quota" = at most ⌊f·B⌋ positives, negatives fill to B.
     _C.MODEL.RETINA_FOCAL.LOSS.OHEM_RATIO_RULE = "ssd"
     # OHEMLoss: NMS sees at most this many highest-loss anchors per image when it picks the
-    # negatives (0: all); positives are always picked exactly, negatives whenever the choice
-    # lies among them. NMS over all ~100k anchors of a 600-px image takes 7-60 s on a CPU.
+    # negatives (0: all); with a positive fraction positives are always picked exactly,
+    # negatives whenever the choice lies among them (without one, every anchor is in that
+    # window). NMS over all ~100k anchors of a 600-px image takes 7-60 s on a CPU.
     _C.MODEL.RETINA_FOCAL.LOSS.OHEM_MAX_CANDIDATES = 4096
 
     # Anchor labelling. False: detectron2's (and Detectron's) rule, under which a ground-truth

@@ -103,7 +103,8 @@ def _hardest_survivors(
     anchors down to the C-th loss. C therefore starts at 2·B and doubles until the choice
     is final (:meth:`MinibatchRule.choose`). ``max_candidates`` stops the doubling for the
     negatives only: while positives are wanted and some lie further down, C keeps growing,
-    so positives are always chosen exactly. (torchvision's NMS over all ~113k anchors of a
+    so positives are always chosen exactly (with f ≥ 0; with f < 0 every anchor is in the one
+    capped window). (torchvision's NMS over all ~113k anchors of a
     600x1000 image takes 7-60 s on a CPU; over 256-4096 candidates, 1-80 ms.)
 
     Args:
@@ -159,8 +160,10 @@ def select_hard_examples(
         positive_fraction (float): f in [0, 1] ((0, 1] for "ssd"), or < 0 for no ratio.
         ratio_rule (str): one of :data:`RATIO_RULES`.
         max_candidates (int): NMS sees at most this many highest-loss anchors per image
-            when choosing negatives (0: all); positives are always chosen exactly, negatives
-            whenever the choice lies among them.
+            when choosing negatives (0: all); with a positive fraction (f ≥ 0) positives are
+            always chosen exactly, negatives whenever the choice lies among them; without one
+            (f < 0) positives and negatives compete in the same window, exact whenever the
+            choice lies among the capped candidates.
 
     Returns:
         Tensor: (N, R) bool, at most B selected anchors per image.

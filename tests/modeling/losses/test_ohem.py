@@ -230,12 +230,15 @@ def _reference_selection(p: OHEMProblem, image: int) -> List[int]:
 
 
 def _within_cap(p: OHEMProblem, image: int, chosen: List[int]) -> bool:
-    """Whether every chosen negative ranks among the ``max_candidates`` hardest anchors (the
-    cap's promise: exact whenever the choice lies among them)."""
+    """Whether every chosen anchor that the cap applies to ranks among the ``max_candidates``
+    hardest (the cap's promise: exact whenever the choice lies among them). With a positive
+    fraction the cap applies to the negatives only (positives are always exact); without one
+    (f < 0) positives and negatives share one window, so it applies to every chosen anchor."""
     if p.max_candidates <= 0:
         return True
     rank = {a: i for i, a in enumerate(p.hardness_order(image))}
-    return all(rank[a] < p.max_candidates for a in chosen if not p.foreground[image, a])
+    capped = [a for a in chosen if p.positive_fraction < 0 or not p.foreground[image, a]]
+    return all(rank[a] < p.max_candidates for a in capped)
 
 
 @SETTINGS
