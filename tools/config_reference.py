@@ -90,7 +90,11 @@ def render() -> str:
     """The whole markdown file: one row per key that ``add_retina_focal_config`` adds."""
     from retina_focal.config import defaults as config
 
+    import retina_focal  # noqa: F401  (imports the parts whose config_extension functions add keys)
+
     comments = key_comments(inspect.getsource(config))  # the module whose function builds cfg
+    for extension in config.extensions():  # e.g. MobileNetV2's MODEL.MOBILENET_V2
+        comments.update(key_comments(inspect.getsource(extension)))
     cfg = config.add_retina_focal_config(get_cfg())
     added = set(_leaf_keys(cfg)) - set(_leaf_keys(get_cfg()))
     undocumented = sorted(added - set(comments))

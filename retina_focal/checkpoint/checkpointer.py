@@ -26,17 +26,14 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-from retina_focal.checkpoint.torchvision_weights import (
-    detectron2_resnet_state_dict,
-    is_torchvision_resnet,
-)
+from retina_focal.checkpoint.torchvision_weights import detectron2_state_dict
 
 __all__ = [
     "TORCHVISION_PIXEL_MEAN",
     "TORCHVISION_PIXEL_STD",
     "RetinaFocalCheckpointer",
     "AtomicFile",
-    "check_fits_torchvision_resnet",
+    "check_fits_torchvision_weights",
     "RunFacts",
     "load_inference_weights",
     "previous_checkpoint",
@@ -221,10 +218,11 @@ class RetinaFocalCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint: Any):
         source = checkpoint.pop(_SOURCE_KEY, "the checkpoint")
         _move_old_loss_normalizer(checkpoint)
-        if is_torchvision_resnet(checkpoint.get("model", {})):
-            check_fits_torchvision_resnet(self.model, source)
-            checkpoint["model"] = detectron2_resnet_state_dict(checkpoint["model"])
-            logger.info(f"{source}: torchvision ResNet weights, mapped to detectron2's ResNet (backbone.bottom_up)")
+        torchvision = detectron2_state_dict(checkpoint.get("model", {}))
+        if torchvision is not None:
+            kind, checkpoint["model"] = torchvision
+            check_fits_torchvision_weights(self.model, source, kind)
+            logger.info(f"{source}: torchvision {kind} weights, mapped to the backbone's names (backbone.bottom_up)")
         incompatible = super()._load_model(checkpoint)
         missing = list(incompatible.missing_keys)
         total = len(self.model.state_dict())
@@ -282,16 +280,16 @@ TORCHVISION_PIXEL_MEAN = (123.675, 116.28, 103.53)
 TORCHVISION_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
-def check_fits_torchvision_resnet(model: nn.Module, source: str) -> None:
+def check_fits_torchvision_weights(model: nn.Module, source: str, kind: str) -> None:
     """Raise, naming the keys, when ``model`` would compute other features from torchvision
-    ResNet weights than torchvision does: a bottleneck ResNet with the stride in its 1x1 conv
-    (detectron2's MSRA default; torchvision strides in the 3x3), or an input normalization that
-    is not torchvision's (RGB, ImageNet mean and std)."""
+    weights (``kind``: "ResNet", "MobileNetV2") than torchvision does: a bottleneck ResNet with
+    the stride in its 1x1 conv (detectron2's MSRA default; torchvision strides in the 3x3), or
+    an input normalization that is not torchvision's (RGB, ImageNet mean and std)."""
     bottom_up = getattr(getattr(model, "backbone", None), "bottom_up", None)
     first = getattr(bottom_up, "res3", [None])[0]
     if first is not None and hasattr(first, "conv3") and tuple(first.conv1.stride) != (1, 1):
         raise ValueError(
-            f"{source} holds torchvision ResNet weights, which stride in the 3x3 conv of a block; the model strides in "
+            f"{source} holds torchvision {kind} weights, which stride in the 3x3 conv of a block; the model strides in "
             "the 1x1 (MODEL.RESNETS.STRIDE_IN_1X1 True, for MSRA weights): set MODEL.RESNETS.STRIDE_IN_1X1 False"
         )
     mean, std = getattr(model, "pixel_mean", None), getattr(model, "pixel_std", None)
@@ -301,7 +299,7 @@ def check_fits_torchvision_resnet(model: nn.Module, source: str) -> None:
         )
         if not fits:
             raise ValueError(
-                f"{source} holds torchvision ResNet weights, trained on RGB images normalized by ImageNet's mean and std; "
+                f"{source} holds torchvision {kind} weights, trained on RGB images normalized by ImageNet's mean and std; "
                 f"the model has MODEL.PIXEL_MEAN {[round(v, 3) for v in mean.flatten().tolist()]} and MODEL.PIXEL_STD "
                 f"{[round(v, 3) for v in std.flatten().tolist()]}: set "
                 f"INPUT.FORMAT RGB, MODEL.PIXEL_MEAN {list(TORCHVISION_PIXEL_MEAN)}, MODEL.PIXEL_STD {list(TORCHVISION_PIXEL_STD)}"

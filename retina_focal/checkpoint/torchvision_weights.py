@@ -28,8 +28,11 @@ from detectron2.utils.file_io import PathHandler, PathManager
 __all__ = [
     "TORCHVISION_PREFIX",
     "WEIGHT_PACKAGES",
+    "detectron2_mobilenet_v2_state_dict",
     "detectron2_resnet_state_dict",
+    "detectron2_state_dict",
     "find_torchvision_weights",
+    "is_torchvision_mobilenet_v2",
     "is_torchvision_resnet",
     "torchvision_weights_file",
 ]
@@ -165,3 +168,45 @@ def detectron2_resnet_state_dict(weights: Dict[str, torch.Tensor], prefix: str =
     if unknown:
         raise ValueError(f"torchvision ResNet weights: no detectron2 name for {unknown[:5]} ({len(unknown)} in all)")
     return converted
+
+
+# ---------------------------------------------------------------- torchvision MobileNetV2
+
+
+def is_torchvision_mobilenet_v2(weights: Dict) -> bool:
+    """Whether a state dict is torchvision's MobileNetV2 (``features.*`` and ``classifier.1.*``)."""
+    return "features.0.0.weight" in weights and "classifier.1.weight" in weights
+
+
+# Not part of the detector: ImageNet's last 1x1 conv to 1280 channels (features.18) and the
+# classifier (retina_focal/modeling/backbone/mobilenet_fpn.py). The backbone's FrozenBNs,
+# converted from torchvision's BatchNorms, keep num_batches_tracked, so it is mapped too.
+_MOBILENET_DROPPED = re.compile(r"^features\.18\.|^classifier\.")
+_MOBILENET_KEY = re.compile(r"^features\.(\d|1[0-7])\.[\w.]+$")
+
+
+def detectron2_mobilenet_v2_state_dict(weights: Dict[str, torch.Tensor], prefix: str = "backbone.bottom_up.") -> Dict[str, torch.Tensor]:
+    """torchvision MobileNetV2 tensors under :class:`MobileNetV2`'s names (``prefix`` +
+    torchvision's ``features.*``, which it keeps); the dropped ones are named above, any other
+    key is an error."""
+    converted, unknown = {}, []
+    for key, value in weights.items():
+        if _MOBILENET_DROPPED.search(key):
+            continue
+        if _MOBILENET_KEY.match(key):
+            converted[prefix + key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"torchvision MobileNetV2 weights: no name in the backbone for {unknown[:5]} ({len(unknown)} in all)")
+    return converted
+
+
+def detectron2_state_dict(weights: Dict[str, torch.Tensor]) -> Optional[Tuple[str, Dict[str, torch.Tensor]]]:
+    """(kind, tensors under RetinaFocal's names) for torchvision ResNet or MobileNetV2 weights,
+    or None for anything else (detectron2's own checkpoints)."""
+    if is_torchvision_resnet(weights):
+        return "ResNet", detectron2_resnet_state_dict(weights)
+    if is_torchvision_mobilenet_v2(weights):
+        return "MobileNetV2", detectron2_mobilenet_v2_state_dict(weights)
+    return None

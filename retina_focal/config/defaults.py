@@ -17,22 +17,47 @@ and ``ANCHOR_GENERATOR.NAME: RetinaFocalAnchorGenerator``.
 """
 import logging
 from functools import lru_cache
+from typing import Callable, List
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-__all__ = ["add_retina_focal_config", "warn_ignored_settings"]
+__all__ = ["BACKBONE_CONFIG_NODES", "add_retina_focal_config", "config_extension", "extensions", "warn_ignored_settings"]
 
 logger = logging.getLogger(__name__)
 
 
+# Functions ``(cfg) -> None`` that add a plugin part's own config node (e.g. a backbone's
+# MODEL.MOBILENET_V2), registered with @config_extension; add_retina_focal_config runs them all.
+_EXTENSIONS: List[Callable[[CN], None]] = []
+# The config node each backbone builder reads, by a part of its registry name: set keys of a
+# node whose backbone is not built are warned about (warn_ignored_settings).
+BACKBONE_CONFIG_NODES = {"MODEL.RESNETS": "resnet", "MODEL.MOBILENET_V2": "mobilenet_v2"}
+
+
+def config_extension(add: Callable[[CN], None]) -> Callable[[CN], None]:
+    """Decorator: ``add(cfg)`` adds a part's own keys whenever ``add_retina_focal_config`` runs
+    (the hook for a backbone, head or loss that needs keys of its own; docs/extend.md). The
+    module that defines it must be imported before configs are created, as registration needs."""
+    _EXTENSIONS.append(add)
+    return add
+
+
+def extensions() -> List[Callable[[CN], None]]:
+    """The registered :func:`config_extension` functions, in registration order."""
+    return list(_EXTENSIONS)
+
+
 def add_retina_focal_config(cfg: CN) -> CN:
-    """Add the ``MODEL.RETINA_FOCAL`` node to ``cfg`` (in place) and return ``cfg``.
+    """Add the ``MODEL.RETINA_FOCAL`` node, and the nodes of the :func:`config_extension`
+    functions, to ``cfg`` (in place) and return ``cfg``.
 
     Call it after ``get_cfg()`` and before ``merge_from_file``. Calling it twice is harmless.
     """
     if "RETINA_FOCAL" in cfg.MODEL:
         return cfg
+    for add in _EXTENSIONS:
+        add(cfg)
     _C = cfg
     _C.MODEL.RETINA_FOCAL = CN()
     # Registry name of the head (retina_focal.RETINA_FOCAL_HEAD_REGISTRY).
@@ -42,8 +67,8 @@ def add_retina_focal_config(cfg: CN) -> CN:
     _C.MODEL.RETINA_FOCAL.LIGHT_HEAD = CN()
     _C.MODEL.RETINA_FOCAL.LIGHT_HEAD.CHANNELS = 128
     _C.MODEL.RETINA_FOCAL.LIGHT_HEAD.NUM_CONVS = 2
-    # Input of P6: "res5" = C5 as in the paper (§4, footnote 2), or "p5" = the FPN output
-    # P5, as some later detectors (e.g. FCOS) do.
+    # Input of P6: "res5" = C5 as in the paper (§4, footnote 2), any other feature the
+    # bottom-up network outputs, or "p5" = the FPN output P5, as some later detectors (FCOS) do.
     _C.MODEL.RETINA_FOCAL.P6_FROM = "res5"
     # Momentum of the running average of the number of foreground anchors that normalizes
     # both losses. §4.1 normalizes each image's loss by its assigned anchors; Detectron
@@ -211,7 +236,29 @@ _IGNORED_KEYS = {
 
 @lru_cache(maxsize=1)
 def _detectron2_defaults() -> CN:
-    return get_cfg()
+    return add_retina_focal_config(get_cfg())
+
+
+def _changed_keys(node: CN, default: CN, prefix: str) -> List[str]:
+    changed = []
+    for key, value in node.items():
+        if isinstance(value, CN):
+            changed += _changed_keys(value, default[key], f"{prefix}.{key}")
+        elif value != default.get(key):
+            changed.append(f"{prefix}.{key}={value}")
+    return changed
+
+
+def _warn_other_backbones_keys(cfg: CN) -> None:
+    """Warn about set keys of a backbone that is not the one built (e.g. MODEL.RESNETS.DEPTH
+    from a base config under a MobileNetV2 backbone)."""
+    name, defaults = cfg.MODEL.BACKBONE.NAME, _detectron2_defaults()
+    for node_key, part in BACKBONE_CONFIG_NODES.items():
+        if part in name or node_key.split(".")[-1] not in cfg.MODEL:
+            continue
+        changed = _changed_keys(_lookup(cfg, node_key), _lookup(defaults, node_key), node_key)
+        if changed:
+            logger.warning(f"{', '.join(changed)}: no effect, MODEL.BACKBONE.NAME is {name} (it does not read {node_key})")
 
 
 def _lookup(cfg: CN, key: str):
@@ -228,6 +275,7 @@ def warn_ignored_settings(cfg: CN) -> None:
     the hope of filtering RetinaNet's detections.
     """
     defaults = _detectron2_defaults()
+    _warn_other_backbones_keys(cfg)
     for key, use in _IGNORED_KEYS.items():
         value = _lookup(cfg, key)
         if value == _lookup(defaults, key):

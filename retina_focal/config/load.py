@@ -45,6 +45,7 @@ def config_and_notes(config_file: str, opts: Sequence = (), *, for_inference: bo
     add_retina_focal_config(cfg)
     cfg.merge_from_file(find_config_file(config_file))
     cfg.merge_from_list(list(opts))
+    _check_torchvision_input(cfg)
     notes = register_config_datasets(cfg, skip_missing=for_inference and cfg.MODEL.RETINANET.NUM_CLASSES != 0)
     notes.append(resolve_num_classes(cfg))
     if not for_inference:
@@ -67,6 +68,17 @@ def _resolve_class_balanced_alpha(cfg) -> Optional[str]:
     loss_cfg.CLASS_ALPHA = class_balanced_alpha(counts, cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA, beta)
     _warn_extreme_alpha(loss_cfg.CLASS_ALPHA, counts, beta)
     return f"LOSS.CLASS_BALANCED_BETA {beta}: boxes per class {counts} -> CLASS_ALPHA {list(loss_cfg.CLASS_ALPHA)}"
+
+
+def _check_torchvision_input(cfg) -> None:
+    """torchvision's weights (``MODEL.WEIGHTS torchvision://...``) were trained on RGB images:
+    a BGR ``INPUT.FORMAT`` would feed them swapped channels (the normalization is checked when
+    the weights load: retina_focal/checkpoint)."""
+    if str(cfg.MODEL.WEIGHTS).startswith("torchvision://") and cfg.INPUT.FORMAT != "RGB":
+        raise ValueError(
+            f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} holds weights trained on RGB images, but INPUT.FORMAT is "
+            f"{cfg.INPUT.FORMAT!r}: set INPUT.FORMAT RGB (and torchvision's MODEL.PIXEL_MEAN / PIXEL_STD)"
+        )
 
 
 def _resolve_tta_sizes(cfg) -> Optional[str]:

@@ -17,14 +17,24 @@ retina_focal/modeling/precision.py) changes the numerics beyond rounding and is 
 run, not here. The anchor generator's cache of grid anchors (retina_focal/modeling/anchors.py)
 returns the same tensors it would compute.
 """
-from typing import Tuple
+import logging
+from typing import Dict, Tuple
 
 import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["FrozenBNFoldedConv2d", "apply_speed_transforms", "fold_frozen_batchnorm", "to_channels_last"]
+__all__ = [
+    "BNFoldedConv2d",
+    "FoldedFrozenBatchNorm2d",
+    "FrozenBNFoldedConv2d",
+    "apply_speed_transforms",
+    "fold_frozen_batchnorm",
+    "to_channels_last",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class FrozenBNFoldedConv2d(Conv2d):
@@ -54,19 +64,58 @@ class FrozenBNFoldedConv2d(Conv2d):
         return folded
 
     def forward(self, x: Tensor) -> Tensor:
-        norm = self.norm
-        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # (C_out,)
-        bias = norm.bias - norm.running_mean * scale
-        if self.bias is not None:
-            bias = bias + self.bias * scale
-        x = F.conv2d(x, self.weight * scale.view(-1, 1, 1, 1), bias, self.stride, self.padding, self.dilation, self.groups)
+        x = _folded_conv2d(self, self.norm, x)
         return x if self.activation is None else self.activation(x)
 
 
-def fold_frozen_batchnorm(module: nn.Module) -> int:
-    """Replace every detectron2 ``Conv2d`` below ``module`` whose norm is a
-    ``FrozenBatchNorm2d`` with a :class:`FrozenBNFoldedConv2d` holding the same parameters
-    (same state-dict keys). Returns how many were replaced."""
+def _folded_conv2d(conv: nn.Conv2d, norm: FrozenBatchNorm2d, x: Tensor) -> Tensor:
+    """``norm(conv(x))`` as one convolution (the scale applied to the weight)."""
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # (C_out,)
+    bias = norm.bias - norm.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A ``FrozenBatchNorm2d`` whose statistics the convolution before it applies
+    (:class:`BNFoldedConv2d`): the identity, with the same buffers and state-dict keys."""
+
+    @classmethod
+    def replacing(cls, norm: FrozenBatchNorm2d) -> "FoldedFrozenBatchNorm2d":
+        folded = cls(norm.num_features, norm.eps)
+        for name, buffer in norm.named_buffers(recurse=False):  # the same tensors (num_batches_tracked too, if any)
+            folded.register_buffer(name, buffer)
+        return folded
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+class BNFoldedConv2d(nn.Conv2d):
+    """A plain ``nn.Conv2d`` followed by a ``FrozenBatchNorm2d`` in an ``nn.Sequential`` (as in
+    torchvision's models, e.g. MobileNetV2), computed as one convolution. The norm stays in
+    the Sequential as a :class:`FoldedFrozenBatchNorm2d` (its keys unchanged); the conv reads
+    its statistics without registering it, so no key is added."""
+
+    @classmethod
+    def replacing(cls, conv: nn.Conv2d, norm: "FoldedFrozenBatchNorm2d") -> "BNFoldedConv2d":
+        folded = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode)
+        folded.weight, folded.bias = conv.weight, conv.bias  # the same Parameters: optimizers, checkpoints
+        folded.folded_norm = (norm,)  # a tuple: not a submodule
+        return folded
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _folded_conv2d(self, self.folded_norm[0], x)
+
+
+def fold_frozen_batchnorm(module: nn.Module) -> Dict[str, int]:
+    """Fold every frozen BatchNorm below ``module`` into the convolution before it, keeping
+    every parameter, buffer and state-dict key: detectron2 ``Conv2d``s with a
+    ``FrozenBatchNorm2d`` norm (:class:`FrozenBNFoldedConv2d`), and ``nn.Conv2d`` +
+    ``FrozenBatchNorm2d`` pairs in an ``nn.Sequential`` (:class:`BNFoldedConv2d`). Returns how
+    many of each were folded."""
     targets = [
         (parent, name, child)
         for parent in module.modules()
@@ -75,7 +124,17 @@ def fold_frozen_batchnorm(module: nn.Module) -> int:
     ]
     for parent, name, child in targets:
         setattr(parent, name, FrozenBNFoldedConv2d.replacing(child))
-    return len(targets)
+    pairs = [
+        (sequential, i)
+        for sequential in module.modules()
+        if isinstance(sequential, nn.Sequential)
+        for i in range(len(sequential) - 1)
+        if type(sequential[i]) is nn.Conv2d and type(sequential[i + 1]) is FrozenBatchNorm2d
+    ]
+    for sequential, i in pairs:
+        norm = FoldedFrozenBatchNorm2d.replacing(sequential[i + 1])
+        sequential[i], sequential[i + 1] = BNFoldedConv2d.replacing(sequential[i], norm), norm
+    return {"detectron2 Conv2d with FrozenBN": len(targets), "nn.Conv2d + FrozenBN": len(pairs)}
 
 
 def _to_channels_last(_module: nn.Module, args: Tuple) -> Tuple:
@@ -96,6 +155,8 @@ def apply_speed_transforms(backbone: nn.Module, head: nn.Module, *, fold_frozen_
     """The module transforms of this file, in place (``FAST_POSTPROCESS`` is a choice of
     RetinaFocal's ``inference``)."""
     if fold_frozen_bn:
-        fold_frozen_batchnorm(backbone)
+        folded = fold_frozen_batchnorm(backbone)
+        logger.info("MODEL.RETINA_FOCAL.FOLD_FROZEN_BN: folded " + ", ".join(f"{n} {kind}" for kind, n in folded.items())
+                    + ("" if any(folded.values()) else " (no frozen BatchNorm in the backbone: nothing to fold)"))
     if channels_last:
         to_channels_last(backbone, head)

@@ -30,7 +30,7 @@ def test_folded_frozen_batchnorm_equals_conv_then_bn_and_keeps_parameters_and_ke
     folded = build_backbone(cfg)
     folded.load_state_dict(plain.state_dict())
     weight = folded.bottom_up.res3[0].conv1.weight
-    assert fold_frozen_batchnorm(folded) == 20  # ResNet-18: stem, 16 block convs, 3 shortcuts
+    assert fold_frozen_batchnorm(folded) == {"detectron2 Conv2d with FrozenBN": 20, "nn.Conv2d + FrozenBN": 0}  # stem, 16 block convs, 3 shortcuts
     conv = folded.bottom_up.res3[0].conv1
     assert type(conv) is FrozenBNFoldedConv2d and conv.weight is weight
     assert type(plain.bottom_up.res3[0].conv1) is Conv2d  # the class itself is untouched

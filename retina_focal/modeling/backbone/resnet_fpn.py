@@ -11,12 +11,10 @@ RetinaFocal is built: retina_focal/modeling/fast_layers.py.)
 """
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, build_resnet_backbone
-from detectron2.modeling.backbone.fpn import LastLevelP6P7
 
-__all__ = ["build_retina_focal_resnet_fpn_backbone", "P6_SOURCES"]
+from retina_focal.modeling.backbone.fpn import build_p3_p7_fpn
 
-# Allowed values of MODEL.RETINA_FOCAL.P6_FROM: the feature P6 is computed from.
-P6_SOURCES = ("res5", "p5")
+__all__ = ["build_retina_focal_resnet_fpn_backbone"]
 
 
 @BACKBONE_REGISTRY.register()
@@ -26,32 +24,4 @@ def build_retina_focal_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     Returns:
         FPN: a detectron2 Backbone whose ``output_shape()`` is {"p3": stride 8, …, "p7": 128}.
     """
-    bottom_up = build_resnet_backbone(cfg, input_shape)
-    in_features = cfg.MODEL.FPN.IN_FEATURES
-    produced = bottom_up.output_shape()
-    missing = [f for f in in_features if f not in produced]
-    if missing:
-        raise ValueError(
-            f"MODEL.FPN.IN_FEATURES names {missing}, which the ResNet does not output "
-            f"(MODEL.RESNETS.OUT_FEATURES gives {sorted(produced)})"
-        )
-    p6_from = cfg.MODEL.RETINA_FOCAL.P6_FROM
-    if p6_from not in P6_SOURCES:
-        raise ValueError(
-            f"MODEL.RETINA_FOCAL.P6_FROM must be one of {sorted(P6_SOURCES)}, got {p6_from!r}"
-        )
-    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    if p6_from == "res5":
-        if "res5" not in produced:
-            raise ValueError("MODEL.RETINA_FOCAL.P6_FROM='res5' needs 'res5' in MODEL.RESNETS.OUT_FEATURES")
-        p6_in_channels = produced["res5"].channels
-    else:
-        p6_in_channels = out_channels
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=in_features,
-        out_channels=out_channels,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(p6_in_channels, out_channels, in_feature=p6_from),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return build_p3_p7_fpn(cfg, build_resnet_backbone(cfg, input_shape), "MODEL.RESNETS.OUT_FEATURES")
