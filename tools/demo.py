@@ -32,7 +32,7 @@ def report(cfg, trainer, results, seconds: float) -> str:
     model.eval()
     dataset = cfg.DATASETS.TEST[0]
     with trainer.ema.applied() if trainer.ema is not None else contextlib.nullcontext():  # what was evaluated
-        pictures = draw_predictions(model, dataset, os.path.join(out, "predictions"))
+        pictures = draw_predictions(model, dataset, os.path.join(out, "predictions"), input_format=cfg.INPUT.FORMAT)
     bbox = results.get(dataset, results).get("bbox", {}) if results else {}
     ap = ", ".join(f"{k} {bbox[k]:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in bbox)
     return (

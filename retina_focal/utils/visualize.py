@@ -74,11 +74,13 @@ def draw_predictions(
     indices: Sequence[int] = range(8),
     score_thresh: float = 0.3,
     scale: float = 3.0,
+    input_format: str = "BGR",
 ) -> List[str]:
     """Draw predictions (left) beside ground truth (right) for some images of a dataset.
 
     Args:
-        model: a detectron2 model in eval mode, taking {"image": CHW BGR float tensor}.
+        model: a detectron2 model in eval mode, taking {"image": CHW float tensor} in
+            ``input_format`` channel order (``INPUT.FORMAT``: "BGR" or "RGB").
         dataset_name: a registered dataset with ``thing_classes``.
         out_dir: where ``<image id>.png`` files go.
         indices: which dataset dicts to draw.
@@ -94,11 +96,11 @@ def draw_predictions(
     paths = []
     for i in indices:
         d = dicts[i]
-        bgr = read_image(d["file_name"], format="BGR")
-        image = torch.as_tensor(np.ascontiguousarray(bgr.transpose(2, 0, 1)), dtype=torch.float32)
+        rgb = read_image(d["file_name"], format="RGB")
+        pixels = rgb if input_format == "RGB" else rgb[:, :, ::-1]  # what the model was trained on
+        image = torch.as_tensor(np.ascontiguousarray(pixels.transpose(2, 0, 1)), dtype=torch.float32)
         instances = model([{"image": image}])[0]["instances"].to("cpu")
         instances = instances[instances.scores >= score_thresh]
-        rgb = bgr[:, :, ::-1]
         pred = Visualizer(rgb, metadata, scale=scale).draw_instance_predictions(instances).get_image()
         gt = Visualizer(rgb, metadata, scale=scale).draw_dataset_dict(d).get_image()
         canvas = np.concatenate([pred, np.full((pred.shape[0], 8, 3), 255, np.uint8), gt], axis=1)
