@@ -5,7 +5,10 @@ import re
 import pytest
 import torch
 
+from detectron2.modeling import BACKBONE_REGISTRY
+
 from retina_focal import RETINA_FOCAL_HEAD_REGISTRY, RETINA_FOCAL_LOSS_REGISTRY, FocalLoss
+from retina_focal.config import defaults
 
 from tests.conftest import REPO
 
@@ -15,7 +18,7 @@ def namespace():
     """Run the document's python blocks in order, in one namespace; unregister afterwards."""
     with open(os.path.join(REPO, "docs", "extend.md")) as f:
         blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     ns = {}
     try:
         exec(compile("".join(blocks), "docs/extend.md", "exec"), ns)
@@ -23,6 +26,9 @@ def namespace():
     finally:
         RETINA_FOCAL_HEAD_REGISTRY._obj_map.pop("ScaledDeltasHead", None)
         RETINA_FOCAL_LOSS_REGISTRY._obj_map.pop("Poly1FocalLoss", None)
+        BACKBONE_REGISTRY._obj_map.pop("build_tiny_fpn_backbone", None)
+        if "add_tiny_backbone_config" in ns:  # later configs must not get MODEL.TINY
+            defaults._EXTENSIONS.remove(ns["add_tiny_backbone_config"])
 
 
 def test_the_model_uses_the_new_head_and_loss_and_trains(namespace):
@@ -57,3 +63,13 @@ def test_scaled_head_equals_the_plain_head_at_scale_one_and_scales_deltas(namesp
     torch.testing.assert_close(logits, plain_logits)
     torch.testing.assert_close(deltas[0], plain_deltas[0])
     torch.testing.assert_close(deltas[1], 3.0 * plain_deltas[1])
+
+
+def test_the_backbone_brings_its_own_key_and_gives_p3_to_p7(namespace):
+    tiny, cfg = namespace["tiny"], namespace["tiny_cfg"]
+    assert cfg.MODEL.TINY.WIDTH == 16  # the extension's key, set by merge_from_list
+    assert {k: v.stride for k, v in tiny.backbone.output_shape().items()} == {"p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128}
+    assert tiny.backbone.bottom_up.stem.out_channels == 16
+    with torch.no_grad():
+        out = tiny.eval()([{"image": torch.rand(3, 128, 128) * 255}])
+    assert len(out) == 1 and out[0]["instances"].image_size == (128, 128)

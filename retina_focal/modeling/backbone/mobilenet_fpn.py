@@ -7,8 +7,9 @@ weights load by name) cut into detectron2's stages by stride: stem (2), res2 (4)
 channels), res4 (16, 96), res5 (32, 320). ImageNet's last 1×1 conv to 1280 channels and the
 classifier are left out. Keys: ``MODEL.MOBILENET_V2.WIDTH_MULT`` and ``NORM``,
 ``MODEL.BACKBONE.FREEZE_AT`` (stem = 1, res2 = 2, ... as for ResNets). Its weights expect RGB
-images normalized by ImageNet's mean and std (``INPUT.FORMAT RGB``, ``MODEL.PIXEL_MEAN``/``STD``
-as in configs/Custom/retina_focal_MobileNetV2_FPN_finetune_cpu.yaml).
+images normalized by ImageNet's mean and std (``INPUT.FORMAT RGB``, ``MODEL.PIXEL_MEAN``
+[123.675, 116.28, 103.53], ``MODEL.PIXEL_STD`` [58.395, 57.12, 57.375]; loading them into a
+model normalized otherwise is an error naming these keys).
 """
 from typing import Dict
 
