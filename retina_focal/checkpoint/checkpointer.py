@@ -218,7 +218,9 @@ class RetinaFocalCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint: Any):
         source = checkpoint.pop(_SOURCE_KEY, "the checkpoint")
         _move_old_loss_normalizer(checkpoint)
-        torchvision = detectron2_state_dict(checkpoint.get("model", {}))
+        # torchvision's ImageNet weights are a start for training (a backbone only): for inference
+        # they are left as they are, and the check below says that they do not fit
+        torchvision = None if self.for_inference else detectron2_state_dict(checkpoint.get("model", {}))
         if torchvision is not None:
             kind, checkpoint["model"] = torchvision
             check_fits_torchvision_weights(self.model, source, kind)
