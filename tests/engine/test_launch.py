@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # spawns torch processes: `make test` runs it, `make test-fast` does not
+
 LAUNCHER = textwrap.dedent(
     """
     import os, signal, sys, time

@@ -41,6 +41,7 @@ def test_the_lock_of_a_dead_run_or_of_this_process_is_taken_over(tmp_path):
     assert hold_output_dir(str(tmp_path)) == path  # setup called again in the same process
 
 
+@pytest.mark.slow
 def test_a_second_training_into_the_same_output_dir_is_refused_and_writes_nothing(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:

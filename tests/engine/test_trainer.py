@@ -72,6 +72,7 @@ def test_demo_config_is_not_rescaled():
     assert RetinaFocalTrainer.auto_scale_workers(cfg, 2).SOLVER.BASE_LR == cfg.SOLVER.BASE_LR
 
 
+@pytest.mark.slow
 def test_log_period_is_the_writer_hooks_and_the_writers_are_built_once(tmp_path):
     cfg = load_config(DEMO, [
         "OUTPUT_DIR", str(tmp_path), "DATASETS.TRAIN", ("retina_focal_shapes_tiny_train",), "DATASETS.TEST", (),

@@ -50,6 +50,7 @@ def test_unknown_name_lists_the_available_ones(name):
     assert R50 in str(e.value) and "Shapes-Detection/retina_focal_R_18_FPN_demo.yaml" in str(e.value)
 
 
+@pytest.mark.slow
 def test_works_from_another_directory(tmp_path):
     """As an editable install is used: imported from elsewhere, the path is still the checkout's."""
     code = f"from retina_focal import model_zoo; print(model_zoo.get_config_file({R50!r}))"
