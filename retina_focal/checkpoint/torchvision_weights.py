@@ -154,19 +154,31 @@ def detectron2_resnet_state_dict(weights: Dict[str, torch.Tensor], prefix: str =
     ``bn1`` → ``conv1.norm``, ``downsample`` → ``shortcut``; BatchNorm → FrozenBatchNorm,
     whose eps, 1e-5, is BatchNorm's), below ``prefix``. The classifier (``fc``) and the step
     counters are dropped; any other key is an error (every tensor is accounted for)."""
+    return _renamed(weights, _RESNET_DROPPED, _detectron2_resnet_name, _DETECTRON2_RESNET_KEY, prefix, "torchvision ResNet")
+
+
+def _detectron2_resnet_name(key: str) -> str:
+    for pattern, replace in _RESNET_RENAMES:
+        key = pattern.sub(replace, key)
+    return key
+
+
+def _renamed(weights: Dict[str, torch.Tensor], dropped: "re.Pattern", rename, valid: "re.Pattern", prefix: str,
+             what: str) -> Dict[str, torch.Tensor]:
+    """``weights`` without the ``dropped`` keys, each other key renamed, checked against
+    ``valid`` and put below ``prefix``; a key that is neither is an error (every tensor is
+    accounted for)."""
     converted, unknown = {}, []
     for key, value in weights.items():
-        if _RESNET_DROPPED.search(key):
+        if dropped.search(key):
             continue
-        name = key
-        for pattern, replace in _RESNET_RENAMES:
-            name = pattern.sub(replace, name)
-        if _DETECTRON2_RESNET_KEY.match(name):
+        name = rename(key)
+        if valid.match(name):
             converted[prefix + name] = value
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"torchvision ResNet weights: no detectron2 name for {unknown[:5]} ({len(unknown)} in all)")
+        raise ValueError(f"{what} weights: no name in the backbone for {unknown[:5]} ({len(unknown)} in all)")
     return converted
 
 
@@ -189,17 +201,7 @@ def detectron2_mobilenet_v2_state_dict(weights: Dict[str, torch.Tensor], prefix:
     """torchvision MobileNetV2 tensors under :class:`MobileNetV2`'s names (``prefix`` +
     torchvision's ``features.*``, which it keeps); the dropped ones are named above, any other
     key is an error."""
-    converted, unknown = {}, []
-    for key, value in weights.items():
-        if _MOBILENET_DROPPED.search(key):
-            continue
-        if _MOBILENET_KEY.match(key):
-            converted[prefix + key] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"torchvision MobileNetV2 weights: no name in the backbone for {unknown[:5]} ({len(unknown)} in all)")
-    return converted
+    return _renamed(weights, _MOBILENET_DROPPED, lambda key: key, _MOBILENET_KEY, prefix, "torchvision MobileNetV2")
 
 
 def detectron2_state_dict(weights: Dict[str, torch.Tensor]) -> Optional[Tuple[str, Dict[str, torch.Tensor]]]:

@@ -55,7 +55,7 @@ def test_every_tensor_is_mapped_or_named_as_dropped():
     converted = tvw.detectron2_resnet_state_dict(weights)
     dropped = [k for k in weights if k.endswith("num_batches_tracked") or k.startswith("fc.")]
     assert len(converted) + len(dropped) == len(weights)
-    with pytest.raises(ValueError, match=r"no detectron2 name for \['layer9.0.conv1.weight'\]"):
+    with pytest.raises(ValueError, match=r"torchvision ResNet weights: no name in the backbone for \['layer9.0.conv1.weight'\]"):
         tvw.detectron2_resnet_state_dict({**weights, "layer9.0.conv1.weight": torch.zeros(1)})
 
 
