@@ -1,11 +1,13 @@
 """retina_focal: RetinaNet and the focal loss (Lin et al., ICCV 2017) for detectron2.
 
 ``import retina_focal`` registers, in detectron2's registries, the meta-architecture
-``RetinaFocal``, the backbone builder ``build_retina_focal_resnet_fpn_backbone`` and the
-anchor generator ``RetinaFocalAnchorGenerator``; and, in the plugin's own registries, the
-heads ``RetinaFocalHead`` and ``RetinaFocalLightHead`` and the losses ``FocalLoss``,
-``FocalLossStar`` and ``OHEMLoss``, and the inference backends ``compiled`` and
-``onnxruntime`` (``TEST.BACKEND.NAME``).
+``RetinaFocal``, the backbone builders ``build_retina_focal_resnet_fpn_backbone`` and
+``build_retina_focal_mobilenet_v2_fpn_backbone`` and the anchor generator
+``RetinaFocalAnchorGenerator``; in the plugin's own registries, the heads ``RetinaFocalHead``
+and ``RetinaFocalLightHead``, the losses ``FocalLoss``, ``FocalLossStar`` and ``OHEMLoss``,
+and the inference backends ``compiled`` and ``onnxruntime`` (``TEST.BACKEND.NAME``); and, in
+detectron2's PathManager, ``torchvision://<model>`` (torchvision's ImageNet weights).
+The folders are laid out by job (docs/architecture.md); ``modeling/`` is the paper.
 """
 __version__ = "0.1.0"
 
