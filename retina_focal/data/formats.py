@@ -376,10 +376,14 @@ def coco_json_for_evaluation(name: str, output_dir: str) -> None:
     spec = DatasetSpec.parse(name)
     if spec is None or spec.format == "coco":
         return
-    path = os.path.join(output_dir, f"{dataset_folder_name(name)}_{records_digest(name)}_coco_format.json")
-    convert_to_coco_json(name, path, allow_cached=True)
+    suffix = f"_{records_digest(name)}_coco_format.json"
     metadata = MetadataCatalog.get(name)
-    if metadata.get("json_file", path) != path:  # converted earlier in this process, from other annotations
+    converted = metadata.get("json_file", None)
+    if converted and converted.endswith(suffix) and os.path.isfile(converted):
+        return  # converted from these records already (e.g. by the plain evaluation before TTA's)
+    path = os.path.join(output_dir, dataset_folder_name(name) + suffix)
+    convert_to_coco_json(name, path, allow_cached=True)
+    if converted:  # from other records: the set was registered again
         del metadata.json_file
     metadata.set(json_file=path)
 

@@ -66,7 +66,7 @@ class ModelEMA:
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
-        """The EMA weights in the model for a while (evaluation, saving), then the raw ones back."""
+        """The EMA weights in the model for a while (evaluation), then the raw ones back."""
         state = self.model.state_dict()
         raw = {name: state[name].detach().clone() for name in self.shadow}
         try:

@@ -267,3 +267,15 @@ def test_a_colon_in_a_folder_name_is_part_of_the_path(tmp_path):
     assert DatasetSpec.parse(f"csv:{csv_file}:{classes_file}") == DatasetSpec("csv", csv_file, classes_file)
     with pytest.raises(FileNotFoundError, match=r"no such file or folder .*nowhere \(a spec is <format>:<path>\[:<second file>\]"):
         register_dataset(f"csv:{tmp_path / 'nowhere:x' / 'ann.csv'}")
+
+
+def test_converted_ground_truth_is_reused_for_another_evaluation_folder(tmp_path):
+    """The plain evaluation and TTA's evaluate the same set into two folders: one conversion."""
+    _image(tmp_path / "img" / "a.png", 100, 100)
+    csv_file, classes_file = _csv(tmp_path, ["img/a.png,10,10,30,30,dog"], ["dog"])
+    name = f"csv:{csv_file}:{classes_file}"
+    register_dataset(name)
+    coco_json_for_evaluation(name, str(tmp_path / "inference"))
+    first = MetadataCatalog.get(name).json_file
+    coco_json_for_evaluation(name, str(tmp_path / "inference_TTA"))
+    assert MetadataCatalog.get(name).json_file == first and not (tmp_path / "inference_TTA").exists()

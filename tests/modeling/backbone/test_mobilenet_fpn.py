@@ -113,3 +113,15 @@ def test_a_bgr_input_format_with_torchvision_weights_is_an_error_naming_both_key
     config.write_text(f"_BASE_: {BASE_CONFIG}\n")
     with pytest.raises(ValueError, match=r"MODEL.WEIGHTS torchvision://mobilenet_v2 holds weights trained on RGB .* INPUT.FORMAT is 'BGR'"):
         load_config(str(config), ["MODEL.WEIGHTS", "torchvision://mobilenet_v2", "INPUT.FORMAT", "BGR"])
+
+
+def test_width_mult_and_norm_reach_the_network():
+    from detectron2.layers import FrozenBatchNorm2d
+
+    half = _model("MODEL.MOBILENET_V2.WIDTH_MULT", 0.5).backbone.bottom_up
+    assert {k: v.channels for k, v in half.output_shape().items()} == {"res3": 16, "res4": 48, "res5": 160}
+    trained = _model("MODEL.MOBILENET_V2.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", 0).backbone.bottom_up
+    norms = [m for m in trained.modules() if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d))]
+    assert norms and all(type(m) is torch.nn.BatchNorm2d and m.weight.requires_grad for m in norms)
+    with pytest.raises(ValueError, match=r"MODEL.MOBILENET_V2.NORM must be one of \['FrozenBN', 'BN'\], got 'GN'"):
+        _model("MODEL.MOBILENET_V2.NORM", "GN")
