@@ -166,6 +166,20 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # Iterations between two rows of metrics.json / the console log; each row holds the
     # median of the iterations since the previous one (1 = every iteration's own values).
     _C.SOLVER.LOG_PERIOD = 20
+    # Training augmentation (retina_focal/data/augmentation.py), added to detectron2's
+    # INPUT.CROP, multi-scale INPUT.MIN_SIZE_TRAIN and INPUT.RANDOM_FLIP, which also takes
+    # "both" here (horizontal and vertical flips, for pictures without an up). COLOR_JITTER: δ > 0
+    # scales brightness, contrast or saturation by a random factor in [1 - δ, 1 + δ]; 0 = off.
+    # SCALE_JITTER: instead of that resize and crop, scale each image to fit a SIZE x SIZE square
+    # times a factor from RANGE, then crop at most SIZE x SIZE at random (fixed cost per batch).
+    _C.INPUT.SCALE_JITTER = CN()
+    _C.INPUT.SCALE_JITTER.ENABLED = False
+    _C.INPUT.SCALE_JITTER.RANGE = (0.5, 1.5)
+    _C.INPUT.SCALE_JITTER.SIZE = 512
+    _C.INPUT.COLOR_JITTER = CN()
+    _C.INPUT.COLOR_JITTER.BRIGHTNESS = 0.0
+    _C.INPUT.COLOR_JITTER.CONTRAST = 0.0
+    _C.INPUT.COLOR_JITTER.SATURATION = 0.0
     # Datasets named as specs in DATASETS.TRAIN / DATASETS.TEST ("coco:", "voc:", "csv:";
     # retina_focal/data/formats.py): VOC objects marked <difficult> become crowd regions
     # (ignored by COCOEvaluator, and by training with MODEL.RETINA_FOCAL.CROWD_IGNORE_IOA > 0)

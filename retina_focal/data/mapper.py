@@ -19,6 +19,8 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.structures import Boxes, Instances
 
+from retina_focal.data.augmentation import build_train_augmentation, detectron2_view
+
 __all__ = ["CrowdRegionsMapper", "build_train_mapper", "with_crowd_regions"]
 
 
@@ -52,7 +54,12 @@ class CrowdRegionsMapper(DatasetMapper):
 
 def build_train_mapper(cfg, **kwargs) -> DatasetMapper:
     """The training mapper of ``cfg``: :class:`CrowdRegionsMapper` when
-    ``MODEL.RETINA_FOCAL.CROWD_IGNORE_IOA`` > 0, else detectron2's. ``kwargs`` as for
+    ``MODEL.RETINA_FOCAL.CROWD_IGNORE_IOA`` > 0, else detectron2's, with the augmentations of
+    ``data.augmentation.build_train_augmentation``. ``kwargs`` as for
     ``DatasetMapper(cfg, is_train=True, ...)`` (e.g. other augmentations)."""
     mapper_cls = CrowdRegionsMapper if cfg.MODEL.RETINA_FOCAL.CROWD_IGNORE_IOA > 0 else DatasetMapper
-    return mapper_cls(cfg, is_train=True, **kwargs)
+    args = mapper_cls.from_config(detectron2_view(cfg), is_train=True)
+    args.update(kwargs)
+    if "augmentations" not in kwargs:
+        args["augmentations"] = build_train_augmentation(cfg)
+    return mapper_cls(**args)
