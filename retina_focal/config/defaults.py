@@ -16,6 +16,7 @@ A detectron2 RetinaNet config therefore runs after changing three names:
 and ``ANCHOR_GENERATOR.NAME: RetinaFocalAnchorGenerator``.
 """
 import logging
+import os
 from functools import lru_cache
 from typing import Callable, List
 
@@ -263,10 +264,22 @@ def _changed_keys(node: CN, default: CN, prefix: str) -> List[str]:
     return changed
 
 
+# Every model-zoo config derives from it; what it sets is the starting point, not a choice.
+BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "model_zoo", "configs", "Base-RetinaFocal.yaml")
+
+
+@lru_cache(maxsize=1)
+def _base_config() -> CN:
+    cfg = _detectron2_defaults().clone()
+    cfg.merge_from_file(BASE_CONFIG)
+    return cfg
+
+
 def _warn_other_backbones_keys(cfg: CN) -> None:
-    """Warn about set keys of a backbone that is not the one built (e.g. MODEL.RESNETS.DEPTH
-    from a base config under a MobileNetV2 backbone)."""
-    name, defaults = cfg.MODEL.BACKBONE.NAME, _detectron2_defaults()
+    """Warn about keys of a backbone that is not the one built, set to other values than
+    Base-RetinaFocal.yaml's (e.g. MODEL.RESNETS.DEPTH from a ResNet config under a MobileNetV2
+    backbone; not the base's RESNETS.OUT_FEATURES, which every config inherits)."""
+    name, defaults = cfg.MODEL.BACKBONE.NAME, _base_config()
     for node_key, part in BACKBONE_CONFIG_NODES.items():
         if part in name or node_key.split(".")[-1] not in cfg.MODEL:
             continue

@@ -125,3 +125,18 @@ def test_width_mult_and_norm_reach_the_network():
     assert norms and all(type(m) is torch.nn.BatchNorm2d and m.weight.requires_grad for m in norms)
     with pytest.raises(ValueError, match=r"MODEL.MOBILENET_V2.NORM must be one of \['FrozenBN', 'BN'\], got 'GN'"):
         _model("MODEL.MOBILENET_V2.NORM", "GN")
+
+
+def test_the_mobilenet_recipe_warns_about_no_other_backbone(caplog):
+    from detectron2.config import get_cfg
+
+    from retina_focal.config.defaults import add_retina_focal_config, warn_ignored_settings
+    from retina_focal.model_zoo import get_config_file
+
+    cfg = add_retina_focal_config(get_cfg())
+    cfg.merge_from_file(get_config_file("Custom/retina_focal_MobileNetV2_FPN_finetune_cpu.yaml"))
+    with caplog.at_level(logging.WARNING, logger="retina_focal.config.defaults"):
+        warn_ignored_settings(cfg)
+        cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3"]  # a change of its own still warns
+        warn_ignored_settings(cfg)
+    assert caplog.text.count("it does not read MODEL.RESNETS") == 1 and "res2" in caplog.text
