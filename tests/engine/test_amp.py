@@ -25,11 +25,17 @@ class _Loader:
             yield copy.deepcopy(self.batch)
 
 
+# Training images of 128 px, not 64: at 64 px P6 is 1 x 1, and on CPUs with AMX oneDNN's bfloat16
+# weight gradient of a 3x3 stride-2 conv on a 1 x 1 input (P7's) is wrong in most calls, with
+# values up to 1e29 and infinities (torch 2.14.1; a bare nn.Conv2d under autocast shows it).
+AMX_SAFE_SIZE = 128
+
+
 def _trainer(precision, **scaler_kwargs):
     model = build_model(small_cfg(*STD_INPUTS))
     seen = _conv_dtypes(model.head)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    trainer = MixedPrecisionTrainer(model, _Loader(synthetic_batch(2, 64, 3)), optimizer, device_type="cpu", precision=precision)
+    trainer = MixedPrecisionTrainer(model, _Loader(synthetic_batch(2, AMX_SAFE_SIZE, 3)), optimizer, device_type="cpu", precision=precision)
     if scaler_kwargs:
         trainer.grad_scaler = torch.amp.GradScaler("cpu", **scaler_kwargs)
     return trainer, seen
