@@ -2,7 +2,8 @@
 """The README's main job: train RetinaFocal on the built-in shapes dataset on a CPU, then
 evaluate with COCOEvaluator and draw what it learned.
 
-    python tools/demo.py                                  # what `make demo` runs
+    python tools/demo.py                                  # what `make demo` runs (ImageNet MobileNetV2)
+    python tools/demo.py --config-file configs/Shapes-Detection/retina_focal_R_18_FPN_demo.yaml   # `make demo-scratch`
     python tools/demo.py --num-gpus 2                     # 2 gloo processes on the CPU
     python tools/demo.py --config-file C.yaml KEY VALUE   # any config / overrides
 
@@ -21,7 +22,13 @@ from retina_focal.engine.trainer import RetinaFocalTrainer
 from retina_focal.utils.comm import unwrap_model
 from retina_focal.utils.visualize import draw_predictions, plot_training_curves
 
-DEFAULT_CONFIG = "configs/Shapes-Detection/retina_focal_R_18_FPN_demo.yaml"
+DEFAULT_CONFIG = "configs/Shapes-Detection/retina_focal_MobileNetV2_FPN_demo.yaml"
+
+
+def model_description(cfg) -> str:
+    """The backbone builder, and the ResNet's depth where it builds one."""
+    name = cfg.MODEL.BACKBONE.NAME
+    return f"{name}, ResNet-{cfg.MODEL.RESNETS.DEPTH}" if "resnet" in name else name
 
 
 def report(cfg, trainer, results, seconds: float) -> str:
@@ -36,9 +43,8 @@ def report(cfg, trainer, results, seconds: float) -> str:
     bbox = results.get(dataset, results).get("bbox", {}) if results else {}
     ap = ", ".join(f"{k} {bbox[k]:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in bbox)
     return (
-        f"\nWhat just happened: {cfg.MODEL.META_ARCHITECTURE} ({cfg.MODEL.BACKBONE.NAME}, ResNet-"
-        f"{cfg.MODEL.RESNETS.DEPTH}) was trained from "
-        f"scratch for {cfg.SOLVER.MAX_ITER} iterations of {cfg.SOLVER.IMS_PER_BATCH} images on "
+        f"\nWhat just happened: {cfg.MODEL.META_ARCHITECTURE} ({model_description(cfg)}) was trained "
+        f"{'from ' + cfg.MODEL.WEIGHTS if cfg.MODEL.WEIGHTS else 'from scratch'} for {cfg.SOLVER.MAX_ITER} iterations of {cfg.SOLVER.IMS_PER_BATCH} images on "
         f"{cfg.DATASETS.TRAIN[0]}. Its classifier started at the prior pi = {cfg.MODEL.RETINANET.PRIOR_PROB} "
         f"for every anchor, and the focal loss (gamma = {cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA}, alpha = "
         f"{cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA}) turned that into detections. COCOEvaluator on {dataset}: "

