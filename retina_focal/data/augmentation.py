@@ -18,6 +18,9 @@ multi-scale resize (``INPUT.MIN_SIZE_TRAIN`` with ``MIN_SIZE_TRAIN_SAMPLING`` "c
   brightness, its contrast around the mean grey, or its saturation around each pixel's grey
   by a factor drawn from [1 - δ, 1 + δ] (0 = off); the grey weighs the channels in
   ``INPUT.FORMAT``'s order.
+
+The yaml trainer's mapper (``data.mapper.build_train_mapper``) uses this list; a LazyConfig
+names its augmentations in its own ``dataloader.train.mapper``.
 """
 from typing import List
 
