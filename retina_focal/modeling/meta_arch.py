@@ -38,6 +38,7 @@ from retina_focal.modeling.assignment_metrics import (
     log_assignment_metrics,
     warn_if_anchors_miss_boxes,
 )
+from retina_focal.modeling.backbone.fpn import check_features_produced
 from retina_focal.modeling.fast_layers import apply_speed_transforms
 from retina_focal.modeling.head import build_retina_focal_head
 from retina_focal.modeling.input_checks import check_training_inputs, drop_empty_boxes
@@ -180,12 +181,7 @@ class RetinaFocal(DenseDetector):
         backbone = build_backbone(cfg)
         produced = backbone.output_shape()
         in_features = cfg.MODEL.RETINANET.IN_FEATURES
-        missing = [f for f in in_features if f not in produced]
-        if missing:
-            raise ValueError(
-                f"MODEL.RETINANET.IN_FEATURES names {missing}, which the backbone "
-                f"({cfg.MODEL.BACKBONE.NAME}) does not produce; it produces {sorted(produced)}"
-            )
+        check_features_produced("MODEL.RETINANET.IN_FEATURES", in_features, produced, f"the backbone ({cfg.MODEL.BACKBONE.NAME})")
         feature_shapes: List[ShapeSpec] = [produced[f] for f in in_features]
         return {
             "backbone": backbone,

@@ -8,7 +8,15 @@ conv applied after a ReLU on P6 (detectron2's ``LastLevelP6P7``). All levels hav
 from detectron2.modeling.backbone import FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
 
-__all__ = ["build_p3_p7_fpn"]
+__all__ = ["build_p3_p7_fpn", "check_features_produced"]
+
+
+def check_features_produced(key: str, names, produced, producer: str) -> None:
+    """Raise an error naming ``key`` when one of its feature ``names`` is not in ``produced``
+    (a backbone's ``output_shape()``); ``producer`` says whose outputs those are."""
+    missing = [f for f in names if f not in produced]
+    if missing:
+        raise ValueError(f"{key} names {missing}, which {producer} does not produce; it produces {sorted(produced)}")
 
 
 def build_p3_p7_fpn(cfg, bottom_up: Backbone, out_features_key: str) -> FPN:
@@ -21,12 +29,7 @@ def build_p3_p7_fpn(cfg, bottom_up: Backbone, out_features_key: str) -> FPN:
     """
     produced = bottom_up.output_shape()
     in_features = cfg.MODEL.FPN.IN_FEATURES
-    missing = [f for f in in_features if f not in produced]
-    if missing:
-        raise ValueError(
-            f"MODEL.FPN.IN_FEATURES names {missing}, which the bottom-up network does not output "
-            f"({out_features_key} gives {sorted(produced)})"
-        )
+    check_features_produced("MODEL.FPN.IN_FEATURES", in_features, produced, f"the bottom-up network ({out_features_key})")
     p6_from = cfg.MODEL.RETINA_FOCAL.P6_FROM
     if p6_from != "p5" and p6_from not in produced:
         raise ValueError(

@@ -55,3 +55,9 @@ def test_parameter_names_equal_detectron2_retinanet_backbone():
 def test_bad_backbone_settings_name_the_key(opts, key):
     with pytest.raises(ValueError, match=key):
         _build(*opts)
+
+
+def test_an_fpn_input_the_bottom_up_network_lacks_is_an_error_naming_both_keys():
+    with pytest.raises(ValueError, match=r"MODEL.FPN.IN_FEATURES names \['res9'\], which the bottom-up network "
+                                         r"\(MODEL.RESNETS.OUT_FEATURES\) does not produce; it produces \['res3', 'res4', 'res5'\]"):
+        _build("MODEL.FPN.IN_FEATURES", ["res3", "res9"])
