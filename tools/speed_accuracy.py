@@ -11,19 +11,19 @@ without weights is timed only (e.g. R-50-FPN, drawn as vertical lines).
         --model "R-50-FPN=configs/COCO-Detection/retina_focal_R_50_FPN_1x.yaml"
 
 The time is the model's forward on one preprocessed image (what ``DefaultPredictor`` feeds it),
-post-processing included, median over ``--timed-images`` images after two warm-up calls. The
+post-processing included, median over ``--timed-images`` images after a warm-up call. The
 AP is COCOEvaluator's on ``--dataset`` at that test size. Writes the PNG and, beside it, a
 Markdown table of every run; the picture draws, per model, eager float32 and its fastest other
 run. The title names the CPU.
 """
 import argparse
+import itertools
 import os
 import shlex
 import statistics
 import tempfile
 import textwrap
 import sys
-import time
 from typing import Dict, List, Optional, Tuple
 
 import cv2
@@ -40,6 +40,7 @@ from retina_focal.export.backends import build_inference_model  # noqa: E402
 from retina_focal.export.predictor import load_inference_model, model_input  # noqa: E402
 from retina_focal.utils.cpu import cpu_description, cpu_has_bf16_kernels  # noqa: E402
 from retina_focal.utils.visualize import new_figure, save_figure  # noqa: E402
+from tools.benchmark import race  # noqa: E402
 
 Row = Dict[str, object]
 
@@ -62,18 +63,18 @@ def model_cfg(config: str, size: int, backend: str, bf16: bool, dataset: str, nu
 
 
 def ms_per_image(cfg, models: List, images: List) -> List[float]:
-    """Median forward time (ms) of each of ``models`` on the ``images`` (BGR), batch 1; the
-    models take turns on every image, so a change of the machine's speed hits them alike."""
+    """Median forward time (ms) of each of ``models`` on the ``images`` (BGR), batch 1: one
+    round per image in which every model runs once (tools/benchmark.py's ``race``), so a change
+    of the machine's speed hits them alike."""
     inputs = [{"image": model_input(cfg, im), "height": im.shape[0], "width": im.shape[1]} for im in images]
-    times: List[List[float]] = [[] for _ in models]
+
+    def on_next_image(model):
+        stream = itertools.cycle(inputs)  # each model sees the images in the same order
+        return lambda: model([next(stream)])
+
     with torch.no_grad():
-        for i, x in enumerate(inputs[:2] + inputs):  # two warm-up images
-            for model, spent in zip(models, times):
-                start = time.perf_counter()
-                model([x])
-                if i >= 2:
-                    spent.append((time.perf_counter() - start) * 1000)
-    return [statistics.median(t) for t in times]
+        times = race({i: on_next_image(m) for i, m in enumerate(models)}, len(inputs), torch.device("cpu"))
+    return [statistics.median(times[i]) * 1000 for i in range(len(models))]
 
 
 def measure(args) -> List[Row]:
@@ -83,9 +84,8 @@ def measure(args) -> List[Row]:
     precisions = [False, True] if cpu_has_bf16_kernels() or args.bf16 else [False]
     runs = [(backend, bf16) for backend in ["eager"] + args.backends for bf16 in precisions]
     rows = []
-    scratch = tempfile.mkdtemp(prefix="speed_accuracy_")  # COCOEvaluator's files, compiled programs
-    for label, config, weights in args.model:
-        for size in args.sizes:
+    with tempfile.TemporaryDirectory(prefix="speed_accuracy_") as scratch:  # COCOEvaluator's files, compiled programs
+        for (label, config, weights), size in itertools.product(args.model, args.sizes):
             models, points = [], []
             for backend, bf16 in runs:
                 cfg = model_cfg(config, size, backend, bf16, args.dataset, num_classes, scratch)
