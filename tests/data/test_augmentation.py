@@ -94,6 +94,7 @@ def test_saturation_blends_towards_the_grey_of_the_channel_order():
         (["INPUT.RANDOM_FLIP", "diagonal"], "INPUT.RANDOM_FLIP must be one of"),
         (["INPUT.COLOR_JITTER.CONTRAST", 1.5], "INPUT.COLOR_JITTER.CONTRAST must be in"),
         (["INPUT.COLOR_JITTER.SATURATION", 0.2, "INPUT.FORMAT", "L"], "INPUT.FORMAT is 'L'"),
+        (["INPUT.SCALE_JITTER.ENABLED", True, "INPUT.SCALE_JITTER.RANGE", (1.5, 0.5)], r"INPUT.SCALE_JITTER.RANGE must be \(min, max\)"),
     ],
 )
 def test_bad_values_are_errors_naming_the_key(opts, message):
