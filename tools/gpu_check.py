@@ -1,8 +1,13 @@
 #!/usr/bin/env python
-"""The checks that need a GPU, in one run of a few minutes (`make gpu-check`).
+"""The checks that need a GPU, sized for scarce GPU time (`make gpu-check`).
 
-    python tools/gpu_check.py --output-dir output/gpu_check     # on a machine with CUDA
+    python tools/gpu_check.py --output-dir output/gpu_check     # on a machine with CUDA: <= 8 minutes
+    python tools/gpu_check.py --quick ...                       # the same sections, fewer rounds: <= 3 minutes
     python tools/gpu_check.py --device cpu --tiny ...           # the same code on a CPU, tiny sizes (tests)
+
+Each section prints its rows as it goes and ``gpu_check.md`` is rewritten after each one, so a
+run cut short still leaves what it measured; a section that raises is recorded as an ERROR row
+(and the exit status is 1) and the next section still runs.
 
 1. **Parity on the device**: detectron2's ``RetinaNet`` and ``RetinaFocal`` with the same
    weights (R-50-FPN, 80 classes, output convs redrawn so there are detections) on the same
@@ -26,6 +31,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from typing import Dict, List, Optional
 
 import torch
@@ -61,15 +67,23 @@ def parse_args(argv=None):
     p.add_argument("--config-file", default=CONFIG)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="ResNet-18, 64 px, 3 iterations: a test of this script")
-    p.add_argument("--iters", type=int, default=50, help="training iterations per precision")
+    p.add_argument("--quick", action="store_true", help="10 training iterations, 2 timed rounds: <= 3 minutes on one GPU")
+    p.add_argument("--iters", type=int, help="training iterations per precision (default 50; 10 with --quick)")
     p.add_argument("--output-dir", default="output/gpu_check")
     return p.parse_args(argv)
 
 
 def _sizes(args) -> Dict[str, int]:
+    """Image side, batch, training iterations per precision, timed rounds, focal-loss anchors."""
     if args.tiny:
-        return {"image": 64, "train_batch": 2, "iters": min(args.iters, 3), "rounds": 1, "loss_anchors": 3000}
-    return {"image": 800, "train_batch": 8, "iters": args.iters, "rounds": 5, "loss_anchors": 120_000}
+        sizes = {"image": 64, "train_batch": 2, "iters": 3, "rounds": 1, "loss_anchors": 3000}
+    elif args.quick:
+        sizes = {"image": 800, "train_batch": 8, "iters": 10, "rounds": 2, "loss_anchors": 120_000}
+    else:
+        sizes = {"image": 800, "train_batch": 8, "iters": 50, "rounds": 5, "loss_anchors": 120_000}
+    if args.iters is not None:
+        sizes["iters"] = args.iters
+    return sizes
 
 
 def _cfg(args, *opts):
@@ -191,6 +205,42 @@ def speed_table(args, sizes) -> str:
     return benchmark.main(argv)
 
 
+def _run_section(name: str, fn, *fn_args):
+    """``fn``'s result and None, or an ERROR line and the error's text when it raises (the
+    check goes on with the next section: GPU time is too scarce to lose the rest of a run)."""
+    start = time.perf_counter()
+    print(f"[{name}] started", flush=True)
+    try:
+        result, error = fn(*fn_args), None
+    except Exception as e:  # noqa: BLE001 - recorded in the report and the exit status
+        traceback.print_exc()
+        result, error = None, f"ERROR in {name}: {type(e).__name__}: {e}"
+    print(f"[{name}] {time.perf_counter() - start:.0f} s", flush=True)
+    return result, error
+
+
+def report_text(args, argv, device, sizes, parity, amp, speed, seconds: float) -> str:
+    """gpu_check.md: the sections measured so far (a missing one reads "not run")."""
+    def body(rows, error):
+        if error:
+            return [f"**{error}**"]
+        return rows if rows is not None else ["not run"]
+
+    return "\n".join([
+        f"# GPU check: `python tools/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        "", f"Machine: {machine_description(device)}. Config: {args.config_file}{' (tiny)' if args.tiny else ''}.", "",
+        f"## 1. Parity with detectron2's RetinaNet on {args.device} (same weights, 2 images)", "",
+        f"Tolerances: classes equal, scores within {SCORE_TOL:g}, boxes within {BOX_TOL_PX:g} px.", "",
+        "| speed-ups | detections | same classes | max score diff | max box diff (px) | |", "|---|---:|---|---:|---:|---|",
+        *body(*parity), "",
+        f"## 2. Training, {sizes['iters']} iterations, batch {sizes['train_batch']} @ {sizes['image']} px, same start and batches",
+        "", "| precision | first loss | mean loss, last 20 % | GradScaler scale (first → last) | skipped steps | seconds |",
+        "|---|---:|---:|---|---:|---:|", *body(*amp), "",
+        "## 3. Speed (tools/benchmark.py on the device)", "", *body([speed[0]] if speed[0] else None, speed[1]),
+        f"Whole check: {seconds:.0f} s.",
+    ])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -200,29 +250,19 @@ def main(argv=None) -> int:
         return 0
     sizes = _sizes(args)
     start = time.perf_counter()
-    print(f"gpu_check on {machine_description(device)}", flush=True)
-    parity = check_parity(args, sizes)
-    amp = amp_training_rows(args, sizes)
-    speed = speed_table(args, sizes)
-    text = "\n".join([
-        f"# GPU check: `python tools/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-        "", f"Machine: {machine_description(device)}. Config: {args.config_file}{' (tiny)' if args.tiny else ''}.", "",
-        f"## 1. Parity with detectron2's RetinaNet on {args.device} (same weights, 2 images)", "",
-        f"Tolerances: classes equal, scores within {SCORE_TOL:g}, boxes within {BOX_TOL_PX:g} px.", "",
-        "| speed-ups | detections | same classes | max score diff | max box diff (px) | |", "|---|---:|---|---:|---:|---|",
-        *parity, "",
-        f"## 2. Training, {sizes['iters']} iterations, batch {sizes['train_batch']} @ {sizes['image']} px, same start and batches",
-        "", "| precision | first loss | mean loss, last 20 % | GradScaler scale (first → last) | skipped steps | seconds |",
-        "|---|---:|---:|---|---:|---:|", *amp, "",
-        "## 3. Speed (tools/benchmark.py on the device)", "", speed,
-        f"Whole check: {time.perf_counter() - start:.0f} s.",
-    ])
+    print(f"gpu_check on {machine_description(device)}; sizes {sizes}", flush=True)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "gpu_check.md")
-    with open(path, "w") as f:
-        f.write(text + "\n")
+    results = {"parity": (None, None), "amp": (None, None), "speed": (None, None)}
+    for name, fn in (("parity", check_parity), ("amp", amp_training_rows), ("speed", speed_table)):
+        results[name] = _run_section(name, fn, args, sizes)
+        text = report_text(args, argv, device, sizes, results["parity"], results["amp"], results["speed"],
+                           time.perf_counter() - start)
+        with open(path, "w") as f:
+            f.write(text + "\n")
     print(text + f"\nwritten to {path}")
-    return 1 if any("FAIL" in row for row in parity) else 0
+    failed = any(error for _, error in results.values()) or any("FAIL" in row for row in results["parity"][0] or [])
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -27,3 +27,30 @@ def test_tiny_run_on_the_cpu_writes_every_section(tmp_path):
     assert "| AMP float16 |" in text and "65536 →" in text  # the GradScaler ran, from its initial scale
     assert "| train | step, batch 2 @ 64px | RetinaFocal AMP (opt-in) |" in text
     assert "avx512_bf16" in text  # the CPU's flags are part of the machine line
+
+
+def test_quick_and_full_sizes_on_a_gpu():
+    """--quick keeps the sizes of the full check (800 px, batch 8) with fewer iterations and
+    rounds; --iters overrides either."""
+    full, quick = gpu_check._sizes(gpu_check.parse_args([])), gpu_check._sizes(gpu_check.parse_args(["--quick"]))
+    assert (full["image"], full["train_batch"], full["iters"], full["rounds"]) == (800, 8, 50, 5)
+    assert (quick["image"], quick["train_batch"], quick["iters"], quick["rounds"]) == (800, 8, 10, 2)
+    assert gpu_check._sizes(gpu_check.parse_args(["--quick", "--iters", "4"]))["iters"] == 4
+
+
+def test_a_section_that_raises_is_reported_and_the_next_one_still_runs(monkeypatch, tmp_path, capsys):
+    ran = []
+    monkeypatch.setattr(gpu_check, "check_parity", lambda args, sizes: ran.append("parity") or ["| on | 3 | yes | 0 | 0 | PASS |"])
+
+    def broken(args, sizes):
+        ran.append("amp")
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(gpu_check, "amp_training_rows", broken)
+    monkeypatch.setattr(gpu_check, "speed_table", lambda args, sizes: ran.append("speed") or "| speed table |")
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--output-dir", str(tmp_path)]) == 1
+    assert ran == ["parity", "amp", "speed"]
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "| on | 3 | yes | 0 | 0 | PASS |" in text and "| speed table |" in text
+    assert "**ERROR in amp: RuntimeError: CUDA error: out of memory**" in text
+    assert "[amp] started" in capsys.readouterr().out  # progress is printed as the check goes
