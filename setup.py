@@ -50,7 +50,9 @@ setup(
     ],
     extras_require={
         "onnx": ["onnx>=1.14", "onnxruntime>=1.16", "onnxscript>=0.3"],  # tools/export.py --format onnx, TEST.BACKEND onnxruntime
-        "test": ["pytest>=7", "hypothesis>=6", "onnx>=1.14", "onnxruntime>=1.16", "onnxscript>=0.3", "faster-coco-eval>=1.6"],
+        "int8": ["torchao>=0.18"],  # TEST.BACKEND.NAME compiled with TEST.BACKEND.INT8 (PT2E + X86InductorQuantizer)
+        "test": ["pytest>=7", "hypothesis>=6", "onnx>=1.14", "onnxruntime>=1.16", "onnxscript>=0.3", "faster-coco-eval>=1.6",
+                 "torchao>=0.18"],
     },
     entry_points={"console_scripts": ["retina-focal-predict=retina_focal.predict:main"]},
 )

@@ -19,8 +19,9 @@ alternate within each round, so machine noise hits both):
   the same detections (and how far the mixed-precision model's are, ``TEST.AMP.ENABLED``);
 * ``backends``: the inference backends (``TEST.BACKEND``, retina_focal/export/backends.py) at batch 1
   and each of ``--backend-sizes``: eager, compiled (AOTInductor) and ONNX Runtime in float32,
-  ONNX Runtime int8 (calibrated on ``--calibration-images`` noise images like the inputs;
-  its accuracy is measured on real images by tools/compare_backends.py) and, on a CPU with bfloat16 kernels (or
+  ONNX Runtime int8 and, with torchao, compiled int8 (PT2E into oneDNN), both calibrated on
+  ``--calibration-images`` noise images like the inputs (their accuracy is measured on real
+  images by tools/compare_backends.py) and, on a CPU with bfloat16 kernels (or
   ``--amp on``), eager and compiled under ``TEST.AMP``; detectron2's float32 RetinaNet is the
   reference, called as ``DefaultPredictor`` calls it. Building the compiled and ONNX programs
   happens once (cached in ``--output-dir``/backend_cache; the time is in the notes) and is not
@@ -37,6 +38,7 @@ there are detections to post-process.
 import argparse
 import copy
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -100,6 +102,8 @@ def parse_args(argv=None):
                    help="race RetinaFocal under mixed precision too; auto: on CUDA, and on a CPU with "
                    "bfloat16 kernels (AVX512-BF16 or AMX; elsewhere bfloat16 is emulated and slow)")
     p.add_argument("--amp-precision", default="auto", help="float16 | bfloat16 | auto (as SOLVER.AMP.PRECISION)")
+    p.add_argument("--variant", default="", help="'KEY VALUE ...': the train and inference sections also race "
+                   "RetinaFocal with these config keys (e.g. 'MODEL.RETINA_FOCAL.CHANNELS_LAST False'), side by side")
     p.add_argument("--memory-worker", choices=[OURS, THEIRS], help=argparse.SUPPRESS)
     p.add_argument("--shapes", default="", help=argparse.SUPPRESS)  # memory worker: "size:batch,..."
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
@@ -125,9 +129,17 @@ def build_pair(args, amp: bool = False):
         amp_cfg.TEST.AMP.ENABLED = True
         amp_cfg.TEST.AMP.PRECISION = args.amp_precision
         models[OURS_AMP] = build_model(amp_cfg)
+    if args.variant:
+        variant_cfg = cfg.clone()
+        variant_cfg.merge_from_list(args.variant.split())
+        models[variant_name(args)] = build_model(variant_cfg)
     for name, model in models.items():
         model.load_state_dict(models[THEIRS].state_dict(), strict=True)
-    return cfg, {name: models[name] for name in (OURS, THEIRS, OURS_AMP) if name in models}
+    return cfg, {name: models[name] for name in (OURS, THEIRS, OURS_AMP, variant_name(args)) if name in models}
+
+
+def variant_name(args) -> str:
+    return f"{OURS} [{args.variant}]"
 
 
 def _sync(device: torch.device) -> None:
@@ -303,7 +315,7 @@ def bench_inference(args, report: Report, device: torch.device) -> None:
     make_detections_nontrivial(theirs, inputs)
     reference = theirs(inputs)
     notes = {}
-    for name in (n for n in (OURS, OURS_AMP) if n in models):
+    for name in (n for n in models if n != THEIRS):
         models[name].load_state_dict(theirs.state_dict())
         notes[name] = _same_detections(models[name].eval()(inputs), reference)
         print(f"[inference] {name} vs {THEIRS}: {notes[name]}", flush=True)
@@ -362,6 +374,8 @@ def backend_models(args, cfg, model) -> Dict[str, Callable]:
             "INPUT.MIN_SIZE_TEST", side, "INPUT.MAX_SIZE_TEST", side]  # the calibration images' size (the inputs come resized)
     variants = {"eager": [], "compiled": ["TEST.BACKEND.NAME", "compiled"], "onnxruntime": ["TEST.BACKEND.NAME", "onnxruntime"],
                 "onnxruntime int8": ["TEST.BACKEND.NAME", "onnxruntime", "TEST.BACKEND.INT8", True]}
+    if importlib.util.find_spec("torchao") is not None:
+        variants["compiled int8"] = ["TEST.BACKEND.NAME", "compiled", "TEST.BACKEND.INT8", True]
     precision = amp_precision(args)
     if precision is not None:
         amp = ["TEST.AMP.ENABLED", True, "TEST.AMP.PRECISION", str(precision).split(".")[-1]]

@@ -10,7 +10,8 @@ to eager float32, detectron2's steady inference time per image (``inference_on_d
 which leaves out the first images: the build), and the wall time of the whole command
 (start, model, program build, inference, COCO evaluation) with the images per second it
 gives. ``--backends`` picks the rows; ``eager-bfloat16`` and ``compiled-bfloat16`` add
-``TEST.AMP`` (emulated, and slow, on a CPU without AVX512-BF16 or AMX).
+``TEST.AMP`` (emulated, and slow, on a CPU without AVX512-BF16 or AMX); ``compiled-int8`` needs
+torchao; ``auto`` is ``TEST.BACKEND.NAME auto``, and its row names what it chose.
 """
 import argparse
 import os
@@ -31,10 +32,12 @@ BACKENDS = {  # name: (train_net.py flags, config overrides)
     "compiled": (["--backend", "compiled"], []),
     "onnxruntime": (["--backend", "onnxruntime"], []),
     "onnxruntime-int8": (["--backend", "onnxruntime-int8"], []),
+    "compiled-int8": (["--backend", "compiled-int8"], []),
     "eager-bfloat16": ([], AMP),
     "compiled-bfloat16": (["--backend", "compiled"], AMP),
+    "auto": (["--backend", "auto"], []),
 }
-DEFAULT_BACKENDS = ["eager", "compiled", "onnxruntime", "onnxruntime-int8"]
+DEFAULT_BACKENDS = ["eager", "compiled", "onnxruntime", "onnxruntime-int8", "compiled-int8", "auto"]
 
 
 def run_backend(args, name: str) -> Dict:
@@ -53,8 +56,9 @@ def run_backend(args, name: str) -> Dict:
     ap = re.findall(r"copypaste: ([\d.nan]+),([\d.nan]+),", log)
     timing = re.search(r"Total inference time: \S+ \(([\d.]+) s / iter per device", log)
     images = re.search(r"Start inference on (\d+) batches", log)
+    chosen = re.search(r"TEST.BACKEND.NAME auto: (.*?) \(", log)
     return {"AP": float(ap[0][0]), "AP50": float(ap[0][1]), "s_per_image": float(timing.group(1)),
-            "images": int(images.group(1)), "wall_s": wall}
+            "images": int(images.group(1)), "wall_s": wall, "chosen": chosen.group(1) if chosen else ""}
 
 
 def table(rows: Dict[str, Dict]) -> List[str]:
@@ -63,7 +67,8 @@ def table(rows: Dict[str, Dict]) -> List[str]:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         delta = f"{r['AP'] - ref['AP']:+.2f}" if ref else ""
-        lines.append(f"| {name} | {r['AP']:.2f} | {r['AP50']:.2f} | {delta} | {r['s_per_image']:.4f} | {r['wall_s']:.1f} "
+        label = f"{name} ({r['chosen']})" if r.get("chosen") else name
+        lines.append(f"| {label} | {r['AP']:.2f} | {r['AP50']:.2f} | {delta} | {r['s_per_image']:.4f} | {r['wall_s']:.1f} "
                      f"| {r['images'] / r['wall_s']:.2f} |")
     return lines
 

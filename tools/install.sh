@@ -82,7 +82,7 @@ else
 fi
 
 STEP="retina_focal"
-if has retina_focal pytest hypothesis onnx onnxruntime onnxscript faster_coco_eval tqdm \
+if has retina_focal pytest hypothesis onnx onnxruntime onnxscript faster_coco_eval tqdm torchao \
    && [[ "$("$PY" -c 'import importlib.util as u; print(u.find_spec("retina_focal").origin)')" == "$ROOT/retina_focal/__init__.py" ]] \
    && [[ ! "$ROOT/setup.py" -nt "$VENV/.retina_focal-installed" ]]; then
   say "retina_focal: editable install of $ROOT present, kept"

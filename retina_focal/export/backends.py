@@ -9,11 +9,16 @@ every backend (:func:`retina_focal.export.postprocess`). ``TEST.BACKEND.NAME``:
 * ``compiled``: ``torch.export`` + AOTInductor (C++ code generated and built for this CPU,
   weights frozen into it). H and W are dynamic, so one compilation serves every padded size
   from twice the largest feature stride (256 px for P7) to 4096 px; a size outside (the
-  128-px demo) gets a program of its own. ``TEST.AMP`` is compiled into it;
+  128-px demo) gets a program of its own. ``TEST.AMP`` is compiled into it. With
+  ``TEST.BACKEND.INT8``: the network quantized by PT2E + torchao's ``X86InductorQuantizer``
+  and compiled by ``torch.compile`` with freezing into oneDNN int8 convolutions (VNNI, AMX);
 * ``onnxruntime``: the ONNX export run by ONNX Runtime's CPU provider, float32, or int8 with
-  ``TEST.BACKEND.INT8``: static post-training quantization (QDQ, weights per channel, int8;
-  activations uint8) calibrated on ``TEST.BACKEND.CALIBRATION_IMAGES`` images of
-  ``DATASETS.TRAIN``.
+  ``TEST.BACKEND.INT8`` (QDQ);
+* ``auto``: one of the above and its precision, chosen from the CPU's ISA flags
+  (:func:`choose_backend`), logged.
+
+int8 is static post-training quantization calibrated on ``TEST.BACKEND.CALIBRATION_IMAGES``
+images of ``DATASETS.TRAIN`` (retina_focal/export/quantization.py).
 
 The compiled and ONNX backends run on the CPU (``MODEL.DEVICE cpu``), the images of a batch
 one at a time (batch 1, each padded to the size divisibility only). What they build is cached
@@ -27,15 +32,15 @@ Backends are registered in :data:`INFERENCE_BACKEND_REGISTRY`: a function
 image and returns the ``3 * L`` outputs of ``ExportableRetinaFocal``.
 """
 import hashlib
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-import numpy as np
 import torch
-from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.utils.registry import Registry
 from torch import Tensor, nn
 
@@ -48,6 +53,15 @@ from retina_focal.export import (
     postprocess,
     serves_dynamic_shapes,
 )
+from retina_focal.export.quantization import (
+    CompiledPerShape,
+    Size,
+    calibration_images,
+    load_int8,
+    quantize_onnx_int8,
+    quantize_pt2e_int8,
+)
+from retina_focal.utils.cpu import cpu_flags, int8_needs_reduced_range
 
 __all__ = [
     "INFERENCE_BACKEND_REGISTRY",
@@ -57,6 +71,8 @@ __all__ = [
     "backend_opts",
     "build_inference_model",
     "check_backend_settings",
+    "choose_backend",
+    "resolve_auto_backend",
 ]
 
 logger = logging.getLogger(__name__)
@@ -66,6 +82,7 @@ INFERENCE_BACKEND_REGISTRY.__doc__ = """Functions ``(cfg, model) -> network``; `
 function name, as detectron2's registries do."""
 
 Network = Callable[[Tensor], Sequence]
+INT8_ALIASES = ("compiled-int8", "onnxruntime-int8")
 
 
 def check_backend_settings(cfg) -> None:
@@ -74,10 +91,12 @@ def check_backend_settings(cfg) -> None:
     known = backend_names()
     if name not in known:
         raise ValueError(f"TEST.BACKEND.NAME must be one of {known}, got {name!r}")
-    if name != "eager" and torch.device(cfg.MODEL.DEVICE).type != "cpu":
+    if name not in ("eager", "auto") and torch.device(cfg.MODEL.DEVICE).type != "cpu":
         raise ValueError(f"TEST.BACKEND.NAME {name} runs on the CPU; with MODEL.DEVICE {cfg.MODEL.DEVICE} use eager")
-    if cfg.TEST.BACKEND.INT8 and name != "onnxruntime":
-        raise ValueError(f"TEST.BACKEND.INT8 True needs TEST.BACKEND.NAME onnxruntime, got {name!r}")
+    if cfg.TEST.BACKEND.INT8 and name not in ("compiled", "onnxruntime", "auto"):
+        raise ValueError(f"TEST.BACKEND.INT8 True needs TEST.BACKEND.NAME compiled or onnxruntime, got {name!r}")
+    if cfg.TEST.BACKEND.INT8 and cfg.TEST.AMP.ENABLED:
+        raise ValueError("TEST.BACKEND.INT8 and TEST.AMP.ENABLED are two precisions; turn one off")
     if cfg.TEST.AMP.ENABLED and name == "onnxruntime":
         raise ValueError(
             "TEST.AMP.ENABLED is for the PyTorch backends (TEST.BACKEND.NAME eager or compiled); "
@@ -90,17 +109,17 @@ def check_backend_settings(cfg) -> None:
 
 
 def backend_names() -> List[str]:
-    return ["eager", *sorted(name for name, _ in INFERENCE_BACKEND_REGISTRY)]
+    return ["eager", "auto", *sorted(name for name, _ in INFERENCE_BACKEND_REGISTRY)]
 
 
 def add_backend_argument(parser) -> None:
-    """``--backend NAME``: ``TEST.BACKEND.NAME NAME``; ``onnxruntime-int8`` also sets
-    ``TEST.BACKEND.INT8 True``."""
+    """``--backend NAME``: ``TEST.BACKEND.NAME NAME``; ``compiled-int8`` and ``onnxruntime-int8``
+    also set ``TEST.BACKEND.INT8 True``."""
     parser.add_argument(
         "--backend",
-        choices=[*backend_names(), "onnxruntime-int8"],
-        help="inference backend (TEST.BACKEND.NAME; onnxruntime-int8 = onnxruntime with TEST.BACKEND.INT8 True); "
-        "bfloat16 for eager and compiled: TEST.AMP.ENABLED True",
+        choices=[*backend_names(), *INT8_ALIASES],
+        help="inference backend (TEST.BACKEND.NAME; NAME-int8 = NAME with TEST.BACKEND.INT8 True; auto: chosen "
+        "from the CPU's ISA flags); bfloat16 for eager and compiled: TEST.AMP.ENABLED True",
     )
 
 
@@ -109,8 +128,8 @@ def backend_opts(args) -> List:
     backend = getattr(args, "backend", None)
     if backend is None:
         return []
-    if backend == "onnxruntime-int8":
-        return ["TEST.BACKEND.NAME", "onnxruntime", "TEST.BACKEND.INT8", True]
+    if backend in INT8_ALIASES:
+        return ["TEST.BACKEND.NAME", backend[: -len("-int8")], "TEST.BACKEND.INT8", True]
     return ["TEST.BACKEND.NAME", backend]
 
 
@@ -118,9 +137,67 @@ def build_inference_model(cfg, model: nn.Module) -> nn.Module:
     """``model`` (eval mode, weights loaded) itself for the eager backend, else a
     :class:`BackendModel` whose network is ``TEST.BACKEND.NAME``'s."""
     check_backend_settings(cfg)
+    cfg = resolve_auto_backend(cfg)
     if cfg.TEST.BACKEND.NAME == "eager":
         return model
     return BackendModel(model, INFERENCE_BACKEND_REGISTRY.get(cfg.TEST.BACKEND.NAME)(cfg, model.eval()))
+
+
+# ------------------------------------------------------------------------------- auto
+
+
+def choose_backend(flags: Set[str], installed: Set[str], can_calibrate: bool, device_type: str = "cpu",
+                   precision_set: str = "", group_norm: bool = False) -> Tuple[List, str]:
+    """``TEST.BACKEND.NAME auto``'s choice: (config overrides, why), the fastest backend and
+    precision whose accuracy stays within the documented tolerance (docs/benchmark.md: int8
+    within 1.0 AP of float32, bfloat16 within 0.3), from the CPU's ISA ``flags``, the
+    ``installed`` optional packages (torchao, onnxruntime), whether int8 can be calibrated
+    (``DATASETS.TRAIN`` not empty) and whether FPN or head use GroupNorm (``group_norm``:
+    GroupNorm stays float32 in both int8 backends, and the conversions around it cost more than
+    the int8 convolutions save: measured on the demo model, docs/benchmark.md).
+    ``precision_set``: "int8" or "bfloat16" when the config turned one on itself, which is
+    kept (only the backend is chosen)."""
+    int8_isa = sorted(flags & {"avx_vnni", "avx512_vnni", "amx_int8"})
+    bf16_isa = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    int8 = ["TEST.BACKEND.INT8", True]
+    bf16 = ["TEST.AMP.ENABLED", True, "TEST.AMP.PRECISION", "bfloat16"]
+    if device_type != "cpu":
+        return ["TEST.BACKEND.NAME", "eager"], f"MODEL.DEVICE is {device_type}: the backends other than eager run on the CPU"
+    if precision_set == "bfloat16":
+        return ["TEST.BACKEND.NAME", "compiled"], "TEST.AMP.ENABLED is set: compiled runs bfloat16"
+    if precision_set == "int8":
+        name = "compiled" if "torchao" in installed and (int8_isa or "onnxruntime" not in installed) else "onnxruntime"
+        return ["TEST.BACKEND.NAME", name], f"TEST.BACKEND.INT8 is set: {name} int8 on {', '.join(int8_isa) or 'a CPU without VNNI'}"
+    if int8_isa and "torchao" in installed and can_calibrate and not group_norm:
+        return ["TEST.BACKEND.NAME", "compiled", *int8], f"{', '.join(int8_isa)}: oneDNN's int8 convolutions (PT2E + Inductor)"
+    if bf16_isa:
+        return ["TEST.BACKEND.NAME", "compiled", *bf16], f"{', '.join(bf16_isa)}: oneDNN's bfloat16 convolutions"
+    if group_norm:
+        return ["TEST.BACKEND.NAME", "compiled"], "no bfloat16 kernels, and GroupNorm keeps int8 from paying: AOTInductor float32"
+    if "onnxruntime" in installed and can_calibrate:
+        return ["TEST.BACKEND.NAME", "onnxruntime", *int8], "no bfloat16 and no torchao or no VNNI: ONNX Runtime's int8 kernels"
+    if "onnxruntime" in installed:
+        return ["TEST.BACKEND.NAME", "onnxruntime"], "no bfloat16 and nothing to calibrate int8 on: ONNX Runtime float32"
+    return ["TEST.BACKEND.NAME", "compiled"], "no bfloat16, no onnxruntime: AOTInductor float32"
+
+
+def resolve_auto_backend(cfg):
+    """``cfg`` itself, or for ``TEST.BACKEND.NAME auto`` a copy with :func:`choose_backend`'s
+    choice for this machine merged in (and logged)."""
+    if cfg.TEST.BACKEND.NAME != "auto":
+        return cfg
+    installed = {name for name in ("torchao", "onnxruntime") if importlib.util.find_spec(name) is not None}
+    precision_set = "int8" if cfg.TEST.BACKEND.INT8 else "bfloat16" if cfg.TEST.AMP.ENABLED else ""
+    flags = cpu_flags()
+    group_norm = "GN" in (cfg.MODEL.FPN.NORM, cfg.MODEL.RETINANET.NORM)
+    opts, why = choose_backend(flags, installed, bool(cfg.DATASETS.TRAIN), torch.device(cfg.MODEL.DEVICE).type, precision_set,
+                               group_norm)
+    chosen = cfg.clone()
+    chosen.defrost()
+    chosen.merge_from_list(opts)
+    chosen.freeze()
+    logger.info(f"TEST.BACKEND.NAME auto: {' '.join(map(str, opts))} ({why})")
+    return chosen
 
 
 class BackendModel(nn.Module):
@@ -164,19 +241,19 @@ def network_key(cfg, model: nn.Module) -> str:
     :data:`_KEYS_AFTER_THE_NETWORK`), the input format, ``TEST.AMP``, the versions of torch
     and onnxruntime, torch's CPU capability (the compiled code's instruction set) and, for
     int8, the calibration settings: number of images, names of the sets (not their files:
-    after changing a set's images under the same name, empty the cache) and the test-time
-    resize."""
+    after changing a set's images under the same name, empty the cache), the test-time
+    resize, torchao's version and the weight range (7 bits without VNNI)."""
     network_cfg = cfg.MODEL.clone()
     for key in _KEYS_AFTER_THE_NETWORK:
         node, leaf = network_cfg, key.split(".")
         for part in leaf[:-1]:
             node = node[part]
         node[leaf[-1]] = None
-    texts = [network_cfg.dump(), cfg.INPUT.FORMAT, cfg.TEST.AMP.dump(), torch.__version__, _onnxruntime_version(),
+    texts = [network_cfg.dump(), cfg.INPUT.FORMAT, cfg.TEST.AMP.dump(), torch.__version__, _version("onnxruntime"),
              torch.backends.cpu.get_cpu_capability()]
     if cfg.TEST.BACKEND.INT8:
-        texts += [str(cfg.TEST.BACKEND.CALIBRATION_IMAGES), str(list(cfg.DATASETS.TRAIN)),
-                  str((cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST))]
+        texts += [str(cfg.TEST.BACKEND.CALIBRATION_IMAGES), str(list(cfg.DATASETS.TRAIN)), _version("torchao"),
+                  str((cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)), str(int8_needs_reduced_range())]
     digest = hashlib.sha256()
     for text in texts:
         digest.update(text.encode())
@@ -186,12 +263,11 @@ def network_key(cfg, model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _onnxruntime_version() -> str:
+def _version(package: str) -> str:
     try:
-        import onnxruntime
-    except ImportError:
-        return "no onnxruntime"
-    return onnxruntime.__version__
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return f"no {package}"
 
 
 def cache_dir(cfg) -> str:
@@ -230,7 +306,6 @@ def loaded(path: str, load: Callable[[str], object]):
 
 # ------------------------------------------------------------------------- program sizes
 
-Size = Optional[Tuple[int, int]]  # None: the dynamic-shape program; (H, W): a fixed-size one
 
 
 def program_size(model: nn.Module, image: Tensor) -> Size:
@@ -289,8 +364,11 @@ class PerSizePrograms:
 
 @INFERENCE_BACKEND_REGISTRY.register()
 def compiled(cfg, model: nn.Module) -> Network:
-    """torch.export + AOTInductor; the packages (.pt2) cached on disk."""
+    """torch.export + AOTInductor, the packages (.pt2) cached on disk; with TEST.BACKEND.INT8,
+    :func:`compiled_int8`."""
     exportable, key = ExportableRetinaFocal(model), network_key(cfg, model)
+    if cfg.TEST.BACKEND.INT8:
+        return compiled_int8(cfg, model, exportable, key)
 
     def load(size: Size) -> Network:
         def build(path: str) -> None:
@@ -303,6 +381,28 @@ def compiled(cfg, model: nn.Module) -> Network:
         path = cached(os.path.join(cache_dir(cfg), f"compiled-{key}-{label}.pt2"), build, f"compiled backend ({label})")
         return loaded(path, torch._inductor.aoti_load_package)
 
+    return PerSizePrograms(model, load, "compiled")
+
+
+def compiled_int8(cfg, model: nn.Module, exportable: nn.Module, key: str) -> Network:
+    """The PT2E int8 program of each :func:`program_size` (quantized and calibrated once, cached
+    on disk as a torch.export .pt2), compiled by ``torch.compile`` with freezing in each process
+    for each padded input size at its first image (Inductor's own cache makes a second
+    compilation faster): inputs of one size pay once, a dataset of many sizes pays per size."""
+
+    def load(size: Size) -> Network:
+        label, example = size_label(size), example_image(model, size)
+
+        def build(path: str) -> None:
+            images = calibration_images(cfg, model, size)
+            torch.export.save(quantize_pt2e_int8(exportable, example, export_dynamic_shapes(exportable, example), images), path)
+
+        path = cached(os.path.join(cache_dir(cfg), f"compiled-{key}-{label}-int8.pt2"), build, f"int8 quantization ({label})")
+        network = CompiledPerShape(loaded(path, load_int8), label)
+        network(example)  # a compilation that fails is a BackendBuildError, raised once
+        return network
+
+    logger.info(f"compiled int8 backend (oneDNN), {'7-bit' if int8_needs_reduced_range() else '8-bit'} weights")
     return PerSizePrograms(model, load, "compiled")
 
 
@@ -326,60 +426,9 @@ def onnxruntime(cfg, model: nn.Module) -> Network:
                       lambda out: export_onnx(exportable, example_image(model, size), out), f"ONNX export ({label})")
         if cfg.TEST.BACKEND.INT8:
             path = cached(path.replace("-float32.onnx", "-int8.onnx"),
-                          lambda out: quantize_int8(path, out, calibration_images(cfg, model, size)), f"int8 quantization ({label})")
+                          lambda out: quantize_onnx_int8(path, out, calibration_images(cfg, model, size)), f"int8 quantization ({label})")
         session = loaded(path, lambda p: ort.InferenceSession(p, options, providers=["CPUExecutionProvider"]))
         return lambda image: session.run(None, {"image": image.cpu().numpy()})
 
     logger.info(f"onnxruntime backend ({'int8' if cfg.TEST.BACKEND.INT8 else 'float32'}), {options.intra_op_num_threads} threads")
     return PerSizePrograms(model, load, "onnxruntime")
-
-
-# --------------------------------------------------------------------------------- int8
-
-
-def calibration_images(cfg, model: nn.Module, size: Size) -> List[np.ndarray]:
-    """``TEST.BACKEND.CALIBRATION_IMAGES`` images of ``DATASETS.TRAIN``, evenly spaced through
-    it, as the test-time mapper reads and resizes them, padded (1, 3, H, W) float32 numpy; for a
-    fixed-size program, those that fit its size, padded to it."""
-    records = [r for name in cfg.DATASETS.TRAIN for r in DatasetCatalog.get(name)]
-    count = min(cfg.TEST.BACKEND.CALIBRATION_IMAGES, len(records))
-    picked = [records[i] for i in np.linspace(0, len(records) - 1, count).round().astype(int)]
-    mapper = DatasetMapper(cfg, is_train=False)
-    images = [mapper(r)["image"].to(model.device, torch.float32)[None] for r in picked]  # (1, 3, H, W)
-    if size is not None:
-        images = [x for x in images if x.shape[-2] <= size[0] and x.shape[-1] <= size[1]]
-        if not images:
-            raise ValueError(f"no image of DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)} fits the {size_label(size)} int8 program")
-    logger.info(f"int8 calibration on {len(images)} images of DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)}")
-    return [padded_for_export(model, x, size).cpu().numpy() for x in images]
-
-
-def quantize_int8(source: str, path: str, images: Sequence[np.ndarray]) -> None:
-    """ONNX Runtime's static quantization of ``source`` into ``path``: the convolutions (where the
-    time goes; GroupNorm and the rest stay float32), QDQ nodes, weights int8 per output channel
-    with a 7-bit range (``reduce_range``: without VNNI, AVX2's and AVX-512's
-    u8 x s8 multiply-add saturates at full range), activations uint8 calibrated by their
-    min-max over ``images``."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Images(CalibrationDataReader):
-        def __init__(self):
-            self.remaining = iter(images)
-
-        def get_next(self):
-            image = next(self.remaining, None)
-            return None if image is None else {"image": image}
-
-    quant_logger = logging.getLogger()  # onnxruntime.quantization advises pre-processing through the root logger
-    level = quant_logger.level
-    quant_logger.setLevel(logging.ERROR)
-    try:
-        quantize_static(source, path, Images(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
-                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    finally:
-        quant_logger.setLevel(level)

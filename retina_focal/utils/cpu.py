@@ -1,10 +1,10 @@
 """What a CPU offers low-precision kernels: its model name and ISA flags (/proc/cpuinfo)."""
 import platform
-from typing import Tuple
+from typing import Set, Tuple
 
 import torch
 
-__all__ = ["CPU_FLAGS", "cpu_description", "cpu_has_bf16_kernels"]
+__all__ = ["CPU_FLAGS", "cpu_description", "cpu_flags", "cpu_has_bf16_kernels", "cpu_has_int8_kernels", "int8_needs_reduced_range"]
 
 
 # /proc/cpuinfo flags that decide how fast low-precision convolutions run on a CPU: without
@@ -15,6 +15,7 @@ CPU_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_bf16", "avx512_fp16", "avx51
 
 
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+_INT8_FLAGS = ("avx_vnni", "avx512_vnni", "amx_int8")
 
 
 def _cpuinfo() -> Tuple[str, str]:
@@ -29,10 +30,25 @@ def _cpuinfo() -> Tuple[str, str]:
     return fields.get("model name", ""), fields.get("flags", "")
 
 
+def cpu_flags() -> Set[str]:
+    """The ISA flags of this CPU (/proc/cpuinfo; empty where unknown)."""
+    return set(_cpuinfo()[1].split())
+
+
 def cpu_has_bf16_kernels() -> bool:
     """Whether this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX-BF16) for oneDNN."""
-    flags = _cpuinfo()[1].split()
-    return any(f in flags for f in _BF16_FLAGS)
+    return any(f in cpu_flags() for f in _BF16_FLAGS)
+
+
+def cpu_has_int8_kernels() -> bool:
+    """Whether this CPU has int8 dot products (AVX-VNNI, AVX512-VNNI or AMX-INT8)."""
+    return any(f in cpu_flags() for f in _INT8_FLAGS)
+
+
+def int8_needs_reduced_range() -> bool:
+    """Whether int8 weights must keep 7 bits: without VNNI, the u8 x s8 multiply-add of AVX2 and
+    AVX-512 (``vpmaddubsw``) adds pairs of products into int16, which 8-bit weights can saturate."""
+    return not cpu_has_int8_kernels()
 
 
 def cpu_description() -> str:

@@ -16,12 +16,22 @@ import torch
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.modeling import build_model
 
-from retina_focal.export.backends import build_inference_model, check_backend_settings, network_key
 from retina_focal.checkpoint import RetinaFocalCheckpointer
 from retina_focal.data import register_builtin_shapes
 from retina_focal.export import ExportableRetinaFocal, padded_for_export
+from retina_focal.export.backends import (
+    build_inference_model,
+    check_backend_settings,
+    network_key,
+    resolve_auto_backend,
+)
+from retina_focal.export.quantization import load_int8
 from retina_focal.predict import main as predict_main
-from retina_focal.utils.testing import make_detections_nontrivial, matched_results_share, paired_detection_rows
+from retina_focal.utils.testing import (
+    make_detections_nontrivial,
+    matched_results_share,
+    paired_detection_rows,
+)
 from tests.conftest import small_cfg
 from tools.export import main as export_main
 
@@ -159,15 +169,22 @@ def test_compiled_runs_under_test_amp(eager, tmp_path):
     assert difference <= tolerance
 
 
-@pytest.fixture(scope="module")
-def int8(tmp_path_factory):
-    """A 128-px model (fixed-size programs) with the onnxruntime backend in float32 and int8,
-    calibrated on 8 images of the tiny shapes training set, and a validation image."""
+def _int8_cfg(backend, cache, *opts):
+    """A 128-px model (fixed-size programs) on ``backend`` in float32, calibrated (for int8) on 8
+    images of the tiny shapes training set."""
     register_builtin_shapes()
+    return small_cfg(*OPTS, "INPUT.MIN_SIZE_TEST", 128, "INPUT.MAX_SIZE_TEST", 128, "TEST.BACKEND.NAME", backend,
+                     "TEST.BACKEND.CACHE_DIR", cache, "DATASETS.TRAIN", ("retina_focal_shapes_tiny_train",),
+                     "TEST.BACKEND.CALIBRATION_IMAGES", 8, *opts)
+
+
+@pytest.fixture(scope="module", params=["onnxruntime", "compiled"])
+def int8(request, tmp_path_factory):
+    """(backend, model, a validation image, the float32 and int8 networks, the cache folder)."""
+    if request.param == "compiled":
+        pytest.importorskip("torchao")
     cache = str(tmp_path_factory.mktemp("int8_cache"))
-    cfg = small_cfg(*OPTS, "INPUT.MIN_SIZE_TEST", 128, "INPUT.MAX_SIZE_TEST", 128, "TEST.BACKEND.NAME", "onnxruntime",
-                    "TEST.BACKEND.CACHE_DIR", cache, "DATASETS.TRAIN", ("retina_focal_shapes_tiny_train",),
-                    "TEST.BACKEND.CALIBRATION_IMAGES", 8)
+    cfg = _int8_cfg(request.param, cache)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     image = DatasetMapper(cfg, is_train=False)(DatasetCatalog.get("retina_focal_shapes_tiny_val")[0])["image"].float()
@@ -175,40 +192,72 @@ def int8(tmp_path_factory):
         make_detections_nontrivial(model, [{"image": image}])
     float32 = build_inference_model(cfg, model).network
     quantized = build_inference_model(_with(cfg, "TEST.BACKEND.INT8", True), model).network
-    return model, image, float32, quantized, cache
+    return request.param, model, image, float32, quantized, cache
+
+
+def _assert_int8_program(backend, cache, quantized, model, image):
+    """What was cached holds int8 weights for the convolutions; for compiled, the calls that run
+    are oneDNN's int8 convolutions, and no float32 one is left."""
+    if backend == "onnxruntime":
+        (path,) = [os.path.join(cache, f) for f in os.listdir(cache) if f.endswith("-int8.onnx")]
+        graph = onnx.load(path).graph
+        assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in graph.node}
+        int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        convs = [node for node in graph.node if node.op_type == "Conv"]
+        assert len(int8_weights) >= 20 and all(node.input[1].endswith("_DequantizeLinear_Output") for node in convs)
+        return
+    (path,) = [os.path.join(cache, f) for f in os.listdir(cache) if f.endswith("-int8.pt2")]
+    program = load_int8(path)
+    int8_weights = [t for t in program.state_dict.values() if t.dtype == torch.int8]
+    int8_weights += [t for t in program.constants.values() if isinstance(t, torch.Tensor) and t.dtype == torch.int8]
+    assert len(int8_weights) >= 20
+    with torch.profiler.profile() as profile:
+        _network_outputs(model, quantized, image)
+    ops = {event.key for event in profile.key_averages()}
+    assert {"onednn::qconv_pointwise", "onednn::qconv2d_pointwise"} & ops, sorted(ops)
+    assert not {"aten::mkldnn_convolution", "aten::_slow_conv2d_forward", "aten::convolution"} & ops, sorted(ops)
 
 
 def test_int8_is_quantized_from_the_training_images_and_stays_near_float32(int8):
-    model, image, float32, quantized, cache = int8
+    backend, model, image, float32, quantized, cache = int8
     reference, got = _network_outputs(model, float32, image), _network_outputs(model, quantized, image)
-    (path,) = [os.path.join(cache, f) for f in os.listdir(cache) if f.endswith("-int8.onnx")]
-    graph = onnx.load(path).graph
-    ops = {node.op_type for node in graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    convs = [node for node in graph.node if node.op_type == "Conv"]
-    assert len(int8_weights) >= 20 and all(node.input[1].endswith("_DequantizeLinear_Output") for node in convs)
+    _assert_int8_program(backend, cache, quantized, model, image)
     error = float((got - reference).abs().max() / reference.abs().max())
-    print(f"\nint8 vs float32: max abs difference of logits and deltas / their max abs {error:.3g}")
+    print(f"\n{backend} int8 vs float32: max abs difference of logits and deltas / their max abs {error:.3g}")
     assert 0 < error < 0.1
 
 
 def test_a_second_int8_run_loads_without_calibrating(int8, caplog):
-    model, image, _, quantized, cache = int8
-    cfg = small_cfg(*OPTS, "INPUT.MIN_SIZE_TEST", 128, "INPUT.MAX_SIZE_TEST", 128, "TEST.BACKEND.NAME", "onnxruntime",
-                    "TEST.BACKEND.CACHE_DIR", cache, "DATASETS.TRAIN", ("retina_focal_shapes_tiny_train",),
-                    "TEST.BACKEND.CALIBRATION_IMAGES", 8, "TEST.BACKEND.INT8", True)
-    with caplog.at_level(logging.INFO, logger="retina_focal.export.backends"):
+    backend, model, image, _, quantized, cache = int8
+    cfg = _int8_cfg(backend, cache, "TEST.BACKEND.INT8", True)
+    with caplog.at_level(logging.INFO, logger="retina_focal.export"):
         again = _network_outputs(model, build_inference_model(cfg, model).network, image)
     assert not any("calibration" in m or "built in" in m for m in caplog.messages), caplog.messages
     assert torch.equal(again, _network_outputs(model, quantized, image))
 
 
+def test_auto_on_this_cpu_runs_what_it_chose(int8, caplog):
+    """The real CPU's flags: auto logs its choice and the network is that choice's (its
+    outputs equal those of the backend and precision named explicitly)."""
+    backend, model, image, float32, quantized, cache = int8
+    cfg = _int8_cfg("auto", cache)
+    with caplog.at_level(logging.INFO, logger="retina_focal.export.backends"):
+        chosen = resolve_auto_backend(cfg)
+        network = build_inference_model(cfg, model).network
+    (line,) = [m for m in caplog.messages if m.startswith("TEST.BACKEND.NAME auto:")][:1]
+    assert chosen.TEST.BACKEND.NAME in line and chosen.TEST.BACKEND.NAME in ("compiled", "onnxruntime")
+    if (chosen.TEST.BACKEND.NAME, chosen.TEST.BACKEND.INT8) != (backend, True):
+        pytest.skip(f"auto chose {line}; this case checks {backend} int8")
+    assert torch.equal(_network_outputs(model, network, image), _network_outputs(model, quantized, image))
+
+
 @pytest.mark.parametrize(
     "opts, message",
     [
-        (["TEST.BACKEND.NAME", "tensorrt"], r"TEST.BACKEND.NAME must be one of \['eager', 'compiled', 'onnxruntime'\]"),
-        (["TEST.BACKEND.NAME", "compiled", "TEST.BACKEND.INT8", True], "TEST.BACKEND.INT8 True needs TEST.BACKEND.NAME onnxruntime"),
+        (["TEST.BACKEND.NAME", "tensorrt"], r"TEST.BACKEND.NAME must be one of \['eager', 'auto', 'compiled', 'onnxruntime'\]"),
+        (["TEST.BACKEND.INT8", True], "TEST.BACKEND.INT8 True needs TEST.BACKEND.NAME compiled or onnxruntime, got 'eager'"),
+        (["TEST.BACKEND.NAME", "compiled", "TEST.BACKEND.INT8", True, "TEST.AMP.ENABLED", True],
+         "TEST.BACKEND.INT8 and TEST.AMP.ENABLED are two precisions; turn one off"),
         (["TEST.BACKEND.NAME", "onnxruntime", "TEST.AMP.ENABLED", True], "TEST.AMP.ENABLED is for the PyTorch backends"),
         (["TEST.BACKEND.NAME", "onnxruntime", "TEST.BACKEND.INT8", True, "TEST.BACKEND.CALIBRATION_IMAGES", 0],
          "TEST.BACKEND.CALIBRATION_IMAGES must be >= 1"),
@@ -285,10 +334,10 @@ def test_export_backend_builds_what_predict_then_loads(saved, capsys):
 
 def test_predict_names_a_backend_setting_that_fits_nothing(saved, capsys):
     config, weights, images, root = saved
-    args = ["--config-file", config, "--input", images, "--output", str(root / "bad"), "--backend", "compiled",
+    args = ["--config-file", config, "--input", images, "--output", str(root / "bad"), "--backend", "eager",
             "TEST.BACKEND.INT8", "True", "MODEL.WEIGHTS", weights]
     assert predict_main(args) == 2
-    assert "error: TEST.BACKEND.INT8 True needs TEST.BACKEND.NAME onnxruntime, got 'compiled'" in capsys.readouterr().err
+    assert "error: TEST.BACKEND.INT8 True needs TEST.BACKEND.NAME compiled or onnxruntime, got 'eager'" in capsys.readouterr().err
 
 
 def test_a_backend_that_cannot_build_is_one_error_not_a_build_per_image(saved, capsys, monkeypatch):

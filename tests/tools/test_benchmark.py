@@ -3,12 +3,12 @@ import csv
 
 import pytest
 
-
 from tools import benchmark
 
 pytestmark = pytest.mark.slow  # end-to-end: `make test` runs it, `make test-fast` does not
 
 TINY = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.FPN.OUT_CHANNELS", "64"]
+VARIANT = "MODEL.RETINA_FOCAL.CHANNELS_LAST False"
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,8 @@ def rows(tmp_path_factory):
     text = benchmark.main([
         "--device", "cpu", "--threads", "1", "--rounds", "1", "--scaling-rounds", "1", "--train-size", "64",
         "--train-batch", "1", "--sizes", "64", "--batches", "1", "--loss-anchors", "3000",
-        "--backend-sizes", "128", "--calibration-images", "4", "--amp", "on", "--output-dir", str(out), *TINY,
+        "--backend-sizes", "128", "--calibration-images", "4", "--amp", "on", "--output-dir", str(out),
+        "--variant", VARIANT, *TINY,
     ])
     assert "| section | case |" in text and (out / "results.md").read_text() == text
     assert "avx512_bf16" in text and "amx_bf16" in text and "torch CPU capability" in text  # the CPU's flags
@@ -33,10 +34,11 @@ def test_every_section_races_both_implementations(rows):
     both = {benchmark.OURS, benchmark.THEIRS}
     for section in ("memory", "scaling"):
         assert {r["implementation"] for r in _rows(rows, section)} == both, section
-    amp, ema = {benchmark.OURS_AMP}, {benchmark.OURS_EMA}  # + the opt-in mixed precision, end to end; + the EMA update
-    assert {r["implementation"] for r in _rows(rows, "train")} == both | amp | ema
-    assert {r["implementation"] for r in _rows(rows, "inference")} == both | amp
-    backends = {f"{benchmark.OURS} {b}" for b in ("eager", "compiled", "onnxruntime", "onnxruntime int8")}
+    # + the opt-in mixed precision, end to end; + the EMA update; + the --variant keys
+    amp, ema, variant = {benchmark.OURS_AMP}, {benchmark.OURS_EMA}, {f"{benchmark.OURS} [{VARIANT}]"}
+    assert {r["implementation"] for r in _rows(rows, "train")} == both | amp | ema | variant
+    assert {r["implementation"] for r in _rows(rows, "inference") if r["case"].startswith("end to end")} == both | amp | variant
+    backends = {f"{benchmark.OURS} {b}" for b in ("eager", "compiled", "onnxruntime", "onnxruntime int8", "compiled int8")}
     backends |= {f"{benchmark.OURS} {b} bfloat16" for b in ("eager", "compiled")}
     assert {r["implementation"] for r in _rows(rows, "backends")} == {benchmark.THEIRS} | backends
     cases = {r["case"] for r in _rows(rows, "inference")}
