@@ -125,11 +125,13 @@ def add_retina_focal_config(cfg: CN) -> CN:
     _C.MODEL.RETINA_FOCAL.CLASS_AGNOSTIC_NMS = False
     # Speed transforms (retina_focal/modeling/fast_layers.py, modeling/postprocess.py), float rounding only; all off = detectron2's
     # RetinaNet bit for bit. CHANNELS_LAST: backbone and head in the channels-last (NHWC)
-    # memory format, which oneDNN (CPU) and tensor cores (GPU) prefer. FOLD_FROZEN_BN: each
+    # memory format, which oneDNN (CPU with AVX-512) and tensor cores (GPU) prefer; None =
+    # on, except on a CPU where torch's capability is AVX2 (slower there, measured in
+    # docs/benchmark.md); True/False force it. FOLD_FROZEN_BN: each
     # conv + frozen BatchNorm (MODEL.RESNETS.NORM FrozenBN) as one conv with the BN folded
     # into its weight and bias. FAST_POSTPROCESS: §4.1's inference thresholded and ranked on
     # logits, with a chunked top-k and NMS truncated exactly. tools/benchmark.py measures them.
-    _C.MODEL.RETINA_FOCAL.CHANNELS_LAST = True
+    _C.MODEL.RETINA_FOCAL.CHANNELS_LAST = None
     _C.MODEL.RETINA_FOCAL.FOLD_FROZEN_BN = True
     _C.MODEL.RETINA_FOCAL.FAST_POSTPROCESS = True
     # Mixed precision (retina_focal/modeling/precision.py, retina_focal/engine/amp.py). SOLVER.AMP.ENABLED (detectron2's key) trains
@@ -137,6 +139,11 @@ def add_retina_focal_config(cfg: CN) -> CN:
     # GradScaler), "bfloat16" (no scaling needed), or "auto" = float16 on CUDA, bfloat16
     # elsewhere. Losses and post-processing stay float32 either way.
     _C.SOLVER.AMP.PRECISION = "auto"
+    # SOLVER.COMPILE.ENABLED: backbone and head of the training model under torch.compile
+    # (retina_focal/engine/compile.py); anchor matching and losses stay eager. The first step
+    # pays the compilation.
+    _C.SOLVER.COMPILE = CN()
+    _C.SOLVER.COMPILE.ENABLED = False
     # Inference (evaluation, --eval-only, retina-focal-predict, validation losses): backbone
     # and head under torch.autocast(TEST.AMP.PRECISION, same values as above). Off: the model
     # opens no autocast of its own and keeps whatever autocast its caller opened.
@@ -151,10 +158,13 @@ def add_retina_focal_config(cfg: CN) -> CN:
     )
     # Inference backend (retina_focal/export/backends.py) of --eval-only, retina-focal-predict and
     # tools/export.py --backend: "eager" = the PyTorch model; "compiled" = torch.export +
-    # AOTInductor; "onnxruntime" = the ONNX export on ONNX Runtime's CPU provider. The latter two
+    # AOTInductor; "onnxruntime" = the ONNX export on ONNX Runtime's CPU provider; "auto" = one
+    # of these and its precision, chosen from the CPU's ISA flags and logged (int8 with VNNI or
+    # AMX, else bfloat16 with AVX512-BF16, else ONNX Runtime int8). The backends other than eager
     # run one image at a time and cache what they build in CACHE_DIR ("" = OUTPUT_DIR/
-    # inference_backend). INT8 (onnxruntime only): static int8 quantization calibrated on
-    # CALIBRATION_IMAGES images of DATASETS.TRAIN. Evaluation during training stays eager.
+    # inference_backend). INT8 (compiled: PT2E + torchao's X86InductorQuantizer into oneDNN;
+    # onnxruntime: QDQ): static int8 quantization calibrated on CALIBRATION_IMAGES images of
+    # DATASETS.TRAIN. Evaluation during training stays eager.
     _C.TEST.BACKEND = CN()
     _C.TEST.BACKEND.NAME = "eager"
     _C.TEST.BACKEND.INT8 = False

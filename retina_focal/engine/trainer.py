@@ -38,6 +38,7 @@ from retina_focal.data import (
 )
 from retina_focal.data.mapper import build_train_mapper
 from retina_focal.engine.amp import build_step_trainer
+from retina_focal.engine.compile import compile_dense_network
 from retina_focal.engine.ema import EMAHook, ModelEMA
 from retina_focal.engine.hooks import insert_diagnostic_hooks
 from retina_focal.engine.non_finite import (
@@ -83,7 +84,8 @@ class RetinaFocalTrainer(DefaultTrainer):
       works for CPU processes (gloo);
     * ``MODEL_EMA.ENABLED``: an EMA of the weights, evaluated and saved as the model;
     * ``SOLVER.AMP.ENABLED`` on any device, in ``SOLVER.AMP.PRECISION`` (float16 with a
-      GradScaler, or bfloat16; retina_focal/engine/amp.py);
+      GradScaler, or bfloat16; retina_focal/engine/amp.py); ``SOLVER.COMPILE.ENABLED``:
+      backbone and head under ``torch.compile`` (retina_focal/engine/compile.py);
     * training data checked once before the first step (``retina_focal.data.checks``) and
       a data stream that ``--resume`` continues exactly (``retina_focal.data.train_stream``);
     * atomic checkpoints that also hold the stream seed (the EMA loss normalizer is the model's own state);
@@ -101,6 +103,8 @@ class RetinaFocalTrainer(DefaultTrainer):
         check_test_sets(cfg.MODEL.RETINANET.NUM_CLASSES, cfg.DATASETS.TRAIN, cfg.DATASETS.TEST)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
+        if cfg.SOLVER.COMPILE.ENABLED:
+            compile_dense_network(model)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         amp = cfg.SOLVER.AMP

@@ -9,7 +9,8 @@ detections are detectron2's bit for bit):
   (``MODEL.RESNETS.NORM: FrozenBN``, ImageNet statistics) runs as one convolution
   (:class:`FrozenBNFoldedConv2d`): one pass over the activations instead of two;
 * ``MODEL.RETINA_FOCAL.CHANNELS_LAST``: backbone and head in the NHWC memory format, which
-  oneDNN (CPU) and tensor cores (GPU) prefer; the head's outputs need no transposing copy.
+  oneDNN (CPU with AVX-512) and tensor cores (GPU) prefer; the head's outputs need no
+  transposing copy. Left at None it follows the CPU (:func:`channels_last_by_default`).
 
 The third speed key, ``FAST_POSTPROCESS``, is a choice of post-processing
 (retina_focal/modeling/postprocess.py). Mixed precision (``SOLVER.AMP`` / ``TEST.AMP``,
@@ -27,6 +28,7 @@ from torch.nn import functional as F
 
 __all__ = [
     "BNFoldedConv2d",
+    "channels_last_by_default",
     "FoldedFrozenBatchNorm2d",
     "FrozenBNFoldedConv2d",
     "apply_speed_transforms",
@@ -149,6 +151,15 @@ def to_channels_last(backbone: nn.Module, head: nn.Module) -> None:
     backbone.to(memory_format=torch.channels_last)
     head.to(memory_format=torch.channels_last)
     backbone.register_forward_pre_hook(_to_channels_last)
+
+
+def channels_last_by_default(device_type: str) -> bool:
+    """``MODEL.RETINA_FOCAL.CHANNELS_LAST`` left at None: channels-last except on a CPU whose
+    widest vector unit torch uses is AVX2. Measured (docs/benchmark.md, "Channels-last by
+    CPU"): on an AVX2-only EPYC it slowed training of the GroupNorm demo and of R-50 at batch 1;
+    on AVX-512 CPUs (an EPYC, and a Xeon with AMX for both norms, training and inference) it
+    sped them up; on CUDA the AMP and float32 training steps use it."""
+    return device_type != "cpu" or torch.backends.cpu.get_cpu_capability() != "AVX2"
 
 
 def apply_speed_transforms(backbone: nn.Module, head: nn.Module, *, fold_frozen_bn: bool, channels_last: bool) -> None:

@@ -39,7 +39,7 @@ from retina_focal.modeling.assignment_metrics import (
     warn_if_anchors_miss_boxes,
 )
 from retina_focal.modeling.backbone.fpn import check_features_produced
-from retina_focal.modeling.fast_layers import apply_speed_transforms
+from retina_focal.modeling.fast_layers import apply_speed_transforms, channels_last_by_default
 from retina_focal.modeling.head import build_retina_focal_head
 from retina_focal.modeling.input_checks import check_training_inputs, drop_empty_boxes
 from retina_focal.modeling.losses import (
@@ -63,6 +63,12 @@ from retina_focal.modeling.precision import amp_dtype, autocast, full_precision
 __all__ = ["RetinaFocal"]
 
 logger = logging.getLogger(__name__)
+
+
+def _channels_last(cfg) -> bool:
+    """``MODEL.RETINA_FOCAL.CHANNELS_LAST``, or where it is None, what the device prefers."""
+    value = cfg.MODEL.RETINA_FOCAL.CHANNELS_LAST
+    return channels_last_by_default(torch.device(cfg.MODEL.DEVICE).type) if value is None else value
 
 
 @META_ARCH_REGISTRY.register()
@@ -206,7 +212,7 @@ class RetinaFocal(DenseDetector):
                 amp_dtype(cfg.TEST.AMP.PRECISION, cfg.MODEL.DEVICE, "TEST.AMP.PRECISION") if cfg.TEST.AMP.ENABLED else None
             ),
             "fold_frozen_bn": cfg.MODEL.RETINA_FOCAL.FOLD_FROZEN_BN,
-            "channels_last": cfg.MODEL.RETINA_FOCAL.CHANNELS_LAST,
+            "channels_last": _channels_last(cfg),
             "fast_postprocess": cfg.MODEL.RETINA_FOCAL.FAST_POSTPROCESS,
             "unmatched_gt_warn_fraction": cfg.MODEL.RETINA_FOCAL.UNMATCHED_GT_WARN_FRACTION,
             "crowd_ignore_ioa": cfg.MODEL.RETINA_FOCAL.CROWD_IGNORE_IOA,

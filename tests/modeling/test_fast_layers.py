@@ -5,7 +5,7 @@ import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_backbone, build_model
 
-from retina_focal.modeling.fast_layers import FrozenBNFoldedConv2d, fold_frozen_batchnorm
+from retina_focal.modeling.fast_layers import FrozenBNFoldedConv2d, channels_last_by_default, fold_frozen_batchnorm
 from retina_focal.modeling.postprocess import InferenceSettings
 from retina_focal.utils.testing import make_detections_nontrivial, paired_detection_rows, random_images, synthetic_batch
 from tests.conftest import small_cfg
@@ -88,3 +88,18 @@ def test_every_speed_key_can_be_turned_off():
     assert not any(isinstance(m, FrozenBNFoldedConv2d) for m in off.modules())
     assert not off.head.cls_score.weight.is_contiguous(memory_format=torch.channels_last)
     assert off.fast_postprocess is False and not off.backbone._forward_pre_hooks
+
+
+@pytest.mark.parametrize("capability, device, expected", [
+    ("AVX2", "cpu", False),  # measured slower there (docs/benchmark.md)
+    ("AVX512", "cpu", True),
+    ("AVX2", "cuda", True),
+])
+def test_channels_last_left_at_none_follows_the_cpu(monkeypatch, capability, device, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert channels_last_by_default(device) is expected
+    if device == "cpu":  # the model built from the default config has (or not) channels-last weights
+        model = build_model(small_cfg())
+        assert model.head.cls_score.weight.is_contiguous(memory_format=torch.channels_last) is expected
+        forced = build_model(small_cfg("MODEL.RETINA_FOCAL.CHANNELS_LAST", not expected))  # an explicit value wins
+        assert forced.head.cls_score.weight.is_contiguous(memory_format=torch.channels_last) is (not expected)
