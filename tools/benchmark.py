@@ -102,7 +102,7 @@ def parse_args(argv=None):
                    help="race RetinaFocal under mixed precision too; auto: on CUDA, and on a CPU with "
                    "bfloat16 kernels (AVX512-BF16 or AMX; elsewhere bfloat16 is emulated and slow)")
     p.add_argument("--amp-precision", default="auto", help="float16 | bfloat16 | auto (as SOLVER.AMP.PRECISION)")
-    p.add_argument("--variant", default="", help="'KEY VALUE ...': the train and inference sections also race "
+    p.add_argument("--variant", default="", help="'KEY VALUE ...': the train, inference and scaling sections also race "
                    "RetinaFocal with these config keys (e.g. 'MODEL.RETINA_FOCAL.CHANNELS_LAST False'), side by side")
     p.add_argument("--memory-worker", choices=[OURS, THEIRS], help=argparse.SUPPRESS)
     p.add_argument("--shapes", default="", help=argparse.SUPPRESS)  # memory worker: "size:batch,..."

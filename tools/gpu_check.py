@@ -14,8 +14,9 @@ run cut short still leaves what it measured; a section that raises is recorded a
    two images: same classes, largest score and box difference, with the speed-ups on
    (channels-last, folded frozen BN) and off.
 2. **AMP training**: ``--iters`` iterations with ``SOLVER.AMP.ENABLED`` (float16 + GradScaler,
-   :class:`retina_focal.engine.amp.MixedPrecisionTrainer`) and in float32 from the same weights
-   on the same synthetic batches: losses, the GradScaler's scale, skipped steps.
+   :class:`retina_focal.engine.amp.MixedPrecisionTrainer`), in float32, and with AMP and
+   ``SOLVER.COMPILE.ENABLED`` (torch.compile's fused kernels) from the same weights on the same
+   synthetic batches: losses, the GradScaler's scale, skipped steps, time per step.
 3. **Speed**: ``tools/benchmark.py``'s loss, train and inference sections on the device (CUDA
    synchronized around every timing): the focal loss (120k anchors x 80, fwd + bwd) against
    fvcore's; a training step (batch 8 @ 800 px) and inference (batch 1 @ 800 px) against
@@ -43,6 +44,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 from retina_focal.config.load import load_config  # noqa: E402
 from retina_focal.engine.amp import MixedPrecisionTrainer
+from retina_focal.engine.compile import compile_dense_network
 from retina_focal.utils.cpu import cpu_description  # noqa: E402
 from retina_focal.utils.testing import (
     build_detectron2_twin,
@@ -148,27 +150,34 @@ def _batches(cfg, sizes, count: int = 4):
     return itertools.cycle(batches)
 
 
-def train_losses(args, sizes, precision: Optional[torch.dtype]) -> Dict[str, List[float]]:
-    """Per-iteration total loss (and, for float16, the scale and skipped steps) of ``iters``
-    SGD steps from the same initial weights on the same batches."""
+def train_losses(args, sizes, precision: Optional[torch.dtype], compiled: bool = False) -> Dict[str, List[float]]:
+    """Per-iteration total loss and seconds (and, for float16, the scale and skipped steps) of
+    ``iters`` SGD steps from the same initial weights on the same batches; ``compiled``: with
+    ``SOLVER.COMPILE.ENABLED`` (backbone and head under torch.compile)."""
     cfg = _cfg(args)
     torch.manual_seed(0)
     model = build_model(cfg)
+    if compiled:
+        compile_dense_network(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     loader = _batches(cfg, sizes)
     if precision is None:
         trainer = SimpleTrainer(model, loader, optimizer)
     else:
         trainer = MixedPrecisionTrainer(model, loader, optimizer, device_type=model.device.type, precision=precision)
-    start = time.perf_counter()
+    steps = []
     with EventStorage() as storage:
         for it in range(sizes["iters"]):
             storage.iter = trainer.iter = it
+            benchmark._sync(model.device)
+            start = time.perf_counter()
             trainer.run_step()
+            benchmark._sync(model.device)
+            steps.append(time.perf_counter() - start)
             storage.step()
-    seconds = time.perf_counter() - start
     history = storage.histories()
-    out = {"total_loss": [v for v, _ in history["total_loss"].values()], "seconds": [seconds]}
+    out = {"total_loss": [v for v, _ in history["total_loss"].values()], "seconds": [sum(steps)],
+           "step_ms": [1000 * statistics.median(steps[len(steps) // 2:])]}  # steady state: the second half
     for key in ("amp/grad_scale", "amp/skipped_steps"):
         if key in history:
             out[key] = [v for v, _ in history[key].values()]
@@ -178,20 +187,23 @@ def train_losses(args, sizes, precision: Optional[torch.dtype]) -> Dict[str, Lis
 def amp_training_rows(args, sizes) -> List[str]:
     float32 = train_losses(args, sizes, None)
     float16 = train_losses(args, sizes, torch.float16)
+    compiled = train_losses(args, sizes, torch.float16, compiled=True)
     n = len(float32["total_loss"])
     tail = max(1, n // 5)
     rows = []
-    for name, run in (("float32", float32), ("AMP float16", float16)):
+    for name, run in (("float32", float32), ("AMP float16", float16), ("AMP float16 + SOLVER.COMPILE", compiled)):
         losses = run["total_loss"]
         scales = run.get("amp/grad_scale", [])
         skipped = int(run["amp/skipped_steps"][-1]) if "amp/skipped_steps" in run else 0
         scale_text = f"{scales[0]:.0f} → {scales[-1]:.0f}" if scales else "–"
         rows.append(f"| {name} | {losses[0]:.4f} | {statistics.mean(losses[-tail:]):.4f} | {scale_text} | {skipped} "
-                    f"| {run['seconds'][0]:.1f} |")
+                    f"| {run['seconds'][0]:.1f} | {run['step_ms'][0]:.1f} |")
         print(f"[amp] {rows[-1]}", flush=True)
     relative = [abs(a - b) / abs(b) for a, b in zip(float16["total_loss"], float32["total_loss"])]
     rows.append(f"\nlargest per-iteration |AMP − float32| / float32 of the total loss: {max(relative):.2%} "
                 f"(median {statistics.median(relative):.2%}) over {n} iterations")
+    compile_diff = max(abs(a - b) / abs(b) for a, b in zip(compiled["total_loss"], float16["total_loss"]))
+    rows.append(f"\nlargest per-iteration |compiled − eager| / eager of the AMP total loss: {compile_diff:.2%}")
     return rows
 
 
@@ -234,8 +246,9 @@ def report_text(args, argv, device, sizes, parity, amp, speed, seconds: float) -
         "| speed-ups | detections | same classes | max score diff | max box diff (px) | |", "|---|---:|---|---:|---:|---|",
         *body(*parity), "",
         f"## 2. Training, {sizes['iters']} iterations, batch {sizes['train_batch']} @ {sizes['image']} px, same start and batches",
-        "", "| precision | first loss | mean loss, last 20 % | GradScaler scale (first → last) | skipped steps | seconds |",
-        "|---|---:|---:|---|---:|---:|", *body(*amp), "",
+        "", "| precision | first loss | mean loss, last 20 % | GradScaler scale (first → last) | skipped steps | seconds "
+        "(all steps) | ms per step (median, second half) |",
+        "|---|---:|---:|---|---:|---:|---:|", *body(*amp), "",
         "## 3. Speed (tools/benchmark.py on the device)", "", *body([speed[0]] if speed[0] else None, speed[1]),
         f"Whole check: {seconds:.0f} s.",
     ])

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 
 from retina_focal.config.load import load_config
 from retina_focal.engine.compile import compile_dense_network
@@ -18,7 +19,8 @@ pytestmark = pytest.mark.slow  # compiles a network (about a minute): `make test
 
 def _losses_and_grads(model, batch):
     model.zero_grad()
-    losses = model(batch)
+    with EventStorage():  # the training forward logs its assignment metrics
+        losses = model(batch)
     sum(losses.values()).backward()
     return {k: v.detach() for k, v in losses.items()}, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

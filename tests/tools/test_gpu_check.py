@@ -25,6 +25,7 @@ def test_tiny_run_on_the_cpu_writes_every_section(tmp_path):
         assert heading in text
     assert text.count("| PASS |") == 2  # speed-ups on and off
     assert "| AMP float16 |" in text and "65536 →" in text  # the GradScaler ran, from its initial scale
+    assert "| AMP float16 + SOLVER.COMPILE |" in text and "|compiled − eager| / eager" in text
     assert "| train | step, batch 2 @ 64px | RetinaFocal AMP (opt-in) |" in text
     assert "avx512_bf16" in text  # the CPU's flags are part of the machine line
 
