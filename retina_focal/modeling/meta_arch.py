@@ -104,7 +104,7 @@ class RetinaFocal(DenseDetector):
         class_agnostic_nms: bool = False,
         inference_dtype: Optional[torch.dtype] = None,
         fold_frozen_bn: bool = True,
-        channels_last: bool = True,
+        channels_last: Optional[bool] = None,
         fast_postprocess: bool = True,
         unmatched_gt_warn_fraction: float = 0.5,
         crowd_ignore_ioa: float = 0.0,
@@ -136,6 +136,8 @@ class RetinaFocal(DenseDetector):
                 and post-processing run in float32 under any autocast.
             fold_frozen_bn, channels_last, fast_postprocess (bool): the speed transforms of
                 retina_focal/modeling/fast_layers.py and postprocess.py (float rounding only).
+                channels_last None: :func:`channels_last_by_default` for CUDA where it is
+                available, else for this CPU (``from_config`` decides by ``MODEL.DEVICE``).
             unmatched_gt_warn_fraction (float): warn (once) when more than this share of a
                 training batch's boxes has no anchor with the foreground IoU (in [0, 1]).
             crowd_ignore_ioa (float): > 0: background anchors covered by a crowd region by
@@ -179,6 +181,8 @@ class RetinaFocal(DenseDetector):
             raise ValueError(f"MODEL.RETINA_FOCAL.CROWD_IGNORE_IOA must be in [0, 1] (0 = off), got {crowd_ignore_ioa}")
         self.crowd_ignore_ioa = crowd_ignore_ioa
         self._warned_unmatched_gt = False
+        if channels_last is None:
+            channels_last = channels_last_by_default("cuda" if torch.cuda.is_available() else "cpu")
         apply_speed_transforms(self.backbone, self.head, fold_frozen_bn=fold_frozen_bn, channels_last=channels_last)
 
     @classmethod
