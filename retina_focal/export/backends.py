@@ -61,6 +61,7 @@ from retina_focal.export.quantization import (
     quantize_onnx_int8,
     quantize_pt2e_int8,
 )
+from retina_focal.modeling.precision import amp_dtype
 from retina_focal.utils.cpu import cpu_flags, int8_needs_reduced_range
 
 __all__ = [
@@ -135,9 +136,15 @@ def backend_opts(args) -> List:
 
 def build_inference_model(cfg, model: nn.Module) -> nn.Module:
     """``model`` (eval mode, weights loaded) itself for the eager backend, else a
-    :class:`BackendModel` whose network is ``TEST.BACKEND.NAME``'s."""
+    :class:`BackendModel` whose network is ``TEST.BACKEND.NAME``'s. For ``auto``, the choice
+    is made here unless the caller made it before building the model
+    (:func:`retina_focal.export.predictor.load_inference_model` does); a bfloat16 choice then
+    sets the model's inference dtype."""
     check_backend_settings(cfg)
-    cfg = resolve_auto_backend(cfg)
+    if cfg.TEST.BACKEND.NAME == "auto":
+        cfg = resolve_auto_backend(cfg)
+        if cfg.TEST.AMP.ENABLED:  # built before the choice: the model runs the chosen precision
+            model.inference_dtype = amp_dtype(cfg.TEST.AMP.PRECISION, cfg.MODEL.DEVICE, "TEST.AMP.PRECISION")
     if cfg.TEST.BACKEND.NAME == "eager":
         return model
     return BackendModel(model, INFERENCE_BACKEND_REGISTRY.get(cfg.TEST.BACKEND.NAME)(cfg, model.eval()))

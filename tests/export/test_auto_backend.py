@@ -4,9 +4,13 @@ left alone. (The choice run on the real CPU: tests/export/test_backends.py.)"""
 import logging
 
 import pytest
+import torch
+from detectron2.modeling import build_model
 
+from retina_focal.checkpoint import RetinaFocalCheckpointer
 from retina_focal.export import backends
-from retina_focal.export.backends import choose_backend, resolve_auto_backend
+from retina_focal.export.backends import build_inference_model, choose_backend, resolve_auto_backend
+from retina_focal.export.predictor import load_inference_model
 from retina_focal.utils.cpu import int8_needs_reduced_range
 from tests.conftest import small_cfg
 
@@ -79,3 +83,27 @@ def test_an_explicit_backend_is_left_alone(monkeypatch):
 def test_int8_weights_keep_7_bits_only_without_vnni(monkeypatch, flags, reduced):
     monkeypatch.setattr("retina_focal.utils.cpu.cpu_flags", lambda: flags)
     assert int8_needs_reduced_range() is reduced
+
+
+@pytest.fixture
+def bf16_only_cpu(monkeypatch):
+    """A CPU with bfloat16 kernels and no VNNI, and a compiled backend that builds nothing."""
+    monkeypatch.setattr(backends, "cpu_flags", lambda: AVX512_BF16)
+    monkeypatch.setitem(backends.INFERENCE_BACKEND_REGISTRY._obj_map, "compiled", lambda cfg, model: "network")
+
+
+def test_a_bfloat16_choice_reaches_the_model_built_for_it(bf16_only_cpu, tmp_path):
+    """load_inference_model chooses before building: the model runs backbone and head in bfloat16."""
+    cfg = small_cfg("TEST.BACKEND.NAME", "auto")
+    torch.manual_seed(0)
+    RetinaFocalCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("model")
+    inference = load_inference_model(cfg, str(tmp_path / "model.pth"))
+    assert inference.network == "network" and inference.model.inference_dtype == torch.bfloat16
+
+
+def test_a_bfloat16_choice_reaches_a_model_built_before_it(bf16_only_cpu):
+    cfg = small_cfg("TEST.BACKEND.NAME", "auto")
+    model = build_model(cfg).eval()
+    assert model.inference_dtype is None
+    inference = build_inference_model(cfg, model)
+    assert inference.network == "network" and model.inference_dtype == torch.bfloat16
