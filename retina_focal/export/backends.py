@@ -62,7 +62,7 @@ from retina_focal.export.quantization import (
     quantize_pt2e_int8,
 )
 from retina_focal.modeling.precision import amp_dtype
-from retina_focal.utils.cpu import cpu_flags, int8_needs_reduced_range
+from retina_focal.utils.cpu import BF16_FLAGS, INT8_FLAGS, cpu_flags, int8_needs_reduced_range
 
 __all__ = [
     "INFERENCE_BACKEND_REGISTRY",
@@ -164,8 +164,8 @@ def choose_backend(flags: Set[str], installed: Set[str], can_calibrate: bool, de
     the int8 convolutions save: measured on the demo model, docs/benchmark.md).
     ``precision_set``: "int8" or "bfloat16" when the config turned one on itself, which is
     kept (only the backend is chosen)."""
-    int8_isa = sorted(flags & {"avx_vnni", "avx512_vnni", "amx_int8"})
-    bf16_isa = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    int8_isa = sorted(flags & set(INT8_FLAGS))
+    bf16_isa = sorted(flags & set(BF16_FLAGS))
     int8 = ["TEST.BACKEND.INT8", True]
     bf16 = ["TEST.AMP.ENABLED", True, "TEST.AMP.PRECISION", "bfloat16"]
     if device_type != "cpu":

@@ -4,7 +4,7 @@ from typing import Set, Tuple
 
 import torch
 
-__all__ = ["CPU_FLAGS", "cpu_description", "cpu_flags", "cpu_has_bf16_kernels", "cpu_has_int8_kernels", "int8_needs_reduced_range"]
+__all__ = ["BF16_FLAGS", "CPU_FLAGS", "INT8_FLAGS", "cpu_description", "cpu_flags", "cpu_has_bf16_kernels", "cpu_has_int8_kernels", "int8_needs_reduced_range"]
 
 
 # /proc/cpuinfo flags that decide how fast low-precision convolutions run on a CPU: without
@@ -14,8 +14,8 @@ __all__ = ["CPU_FLAGS", "cpu_description", "cpu_flags", "cpu_has_bf16_kernels", 
 CPU_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_fp16", "amx_int8")
 
 
-_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-_INT8_FLAGS = ("avx_vnni", "avx512_vnni", "amx_int8")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # bfloat16 arithmetic for oneDNN
+INT8_FLAGS = ("avx_vnni", "avx512_vnni", "amx_int8")  # int8 dot products
 
 
 def _cpuinfo() -> Tuple[str, str]:
@@ -37,12 +37,12 @@ def cpu_flags() -> Set[str]:
 
 def cpu_has_bf16_kernels() -> bool:
     """Whether this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX-BF16) for oneDNN."""
-    return any(f in cpu_flags() for f in _BF16_FLAGS)
+    return any(f in cpu_flags() for f in BF16_FLAGS)
 
 
 def cpu_has_int8_kernels() -> bool:
     """Whether this CPU has int8 dot products (AVX-VNNI, AVX512-VNNI or AMX-INT8)."""
-    return any(f in cpu_flags() for f in _INT8_FLAGS)
+    return any(f in cpu_flags() for f in INT8_FLAGS)
 
 
 def int8_needs_reduced_range() -> bool:
