@@ -137,13 +137,11 @@ def backend_opts(args) -> List:
 def build_inference_model(cfg, model: nn.Module) -> nn.Module:
     """``model`` (eval mode, weights loaded) itself for the eager backend, else a
     :class:`BackendModel` whose network is ``TEST.BACKEND.NAME``'s. For ``auto``, the choice
-    is made here unless the caller made it before building the model
-    (:func:`retina_focal.export.predictor.load_inference_model` does); a bfloat16 choice then
-    sets the model's inference dtype."""
+    is made here; a bfloat16 choice sets the model's inference dtype (``TEST.AMP``)."""
     check_backend_settings(cfg)
     if cfg.TEST.BACKEND.NAME == "auto":
         cfg = resolve_auto_backend(cfg)
-        if cfg.TEST.AMP.ENABLED:  # built before the choice: the model runs the chosen precision
+        if cfg.TEST.AMP.ENABLED:  # the model was built before the choice: it runs the chosen precision
             model.inference_dtype = amp_dtype(cfg.TEST.AMP.PRECISION, cfg.MODEL.DEVICE, "TEST.AMP.PRECISION")
     if cfg.TEST.BACKEND.NAME == "eager":
         return model
@@ -338,13 +336,14 @@ class BackendBuildError(RuntimeError):
 
 
 class PerSizePrograms:
-    """A network that builds (or loads) the program of each :func:`program_size` on first use.
+    """A network that builds (or loads) the program of each :func:`program_size` on first use:
+    ``load(size, image)`` with the first padded image of that size.
 
     A program that fails to build raises :class:`BackendBuildError`, once: the failure is kept
     and raised again at once for every later image, not built again (a failed AOTInductor
     build takes minutes)."""
 
-    def __init__(self, model: nn.Module, load: Callable[[Size], Network], name: str):
+    def __init__(self, model: nn.Module, load: Callable[[Size, Tensor], Network], name: str):
         self.model, self.load, self.name = model, load, name
         self.programs: Dict[Size, Network] = {}
         self.failure: Optional[BackendBuildError] = None
@@ -355,7 +354,7 @@ class PerSizePrograms:
         size = program_size(self.model, image)
         if size not in self.programs:
             try:
-                self.programs[size] = self.load(size)
+                self.programs[size] = self.load(size, image)
             except Exception as e:
                 self.failure = BackendBuildError(
                     f"TEST.BACKEND.NAME {self.name}: the {size_label(size)} program could not be built or loaded "
@@ -377,7 +376,7 @@ def compiled(cfg, model: nn.Module) -> Network:
     if cfg.TEST.BACKEND.INT8:
         return compiled_int8(cfg, model, exportable, key)
 
-    def load(size: Size) -> Network:
+    def load(size: Size, _first: Tensor) -> Network:
         def build(path: str) -> None:
             example = example_image(model, size)
             with torch.no_grad():
@@ -397,7 +396,7 @@ def compiled_int8(cfg, model: nn.Module, exportable: nn.Module, key: str) -> Net
     for each padded input size at its first image (Inductor's own cache makes a second
     compilation faster): inputs of one size pay once, a dataset of many sizes pays per size."""
 
-    def load(size: Size) -> Network:
+    def load(size: Size, first: Tensor) -> Network:
         label, example = size_label(size), example_image(model, size)
 
         def build(path: str) -> None:
@@ -406,7 +405,7 @@ def compiled_int8(cfg, model: nn.Module, exportable: nn.Module, key: str) -> Net
 
         path = cached(os.path.join(cache_dir(cfg), f"compiled-{key}-{label}-int8.pt2"), build, f"int8 quantization ({label})")
         network = CompiledPerShape(loaded(path, load_int8), label)
-        network(example)  # a compilation that fails is a BackendBuildError, raised once
+        network(first)  # compiled now for the first image's shape: a failure is a BackendBuildError, raised once
         return network
 
     logger.info(f"compiled int8 backend (oneDNN), {'7-bit' if int8_needs_reduced_range() else '8-bit'} weights")
@@ -427,7 +426,7 @@ def onnxruntime(cfg, model: nn.Module) -> Network:
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3  # errors only
 
-    def load(size: Size) -> Network:
+    def load(size: Size, _first: Tensor) -> Network:
         label = size_label(size)
         path = cached(os.path.join(cache_dir(cfg), f"onnx-{key}-{label}-float32.onnx"),
                       lambda out: export_onnx(exportable, example_image(model, size), out), f"ONNX export ({label})")
