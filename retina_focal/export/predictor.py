@@ -11,7 +11,7 @@ from detectron2.structures import Instances
 from torch import nn
 
 from retina_focal.checkpoint import load_inference_weights
-from retina_focal.export.backends import build_inference_model, resolve_auto_backend
+from retina_focal.export.backends import build_inference_model
 from retina_focal.modeling.tta import RetinaFocalWithTTA
 
 __all__ = ["BatchPredictor", "inference_model", "load_inference_model", "model_input"]
@@ -29,8 +29,6 @@ def load_inference_model(cfg, weights: Optional[str] = None, *, backend: bool = 
         ValueError: the weights do not fit the config: a model tensor is not in them, or the
             file is unreadable (RetinaFocalCheckpointer's message).
     """
-    if backend:
-        cfg = resolve_auto_backend(cfg)  # TEST.BACKEND.NAME auto may choose TEST.AMP: the model is built with it
     return inference_model(build_model(cfg), weights or cfg.MODEL.WEIGHTS, cfg if backend else None)
 
 

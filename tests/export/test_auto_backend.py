@@ -93,7 +93,7 @@ def bf16_only_cpu(monkeypatch):
 
 
 def test_a_bfloat16_choice_reaches_the_model_built_for_it(bf16_only_cpu, tmp_path):
-    """load_inference_model chooses before building: the model runs backbone and head in bfloat16."""
+    """Through load_inference_model (predict, --eval-only): the model runs backbone and head in bfloat16."""
     cfg = small_cfg("TEST.BACKEND.NAME", "auto")
     torch.manual_seed(0)
     RetinaFocalCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("model")
