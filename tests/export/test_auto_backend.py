@@ -1,6 +1,7 @@
 """TEST.BACKEND.NAME auto (retina_focal/export/backends.py): the choice from the CPU's ISA flags,
 faked both ways, is logged; a precision the config turns on itself is kept; other names are
 left alone. (The choice run on the real CPU: tests/export/test_backends.py.)"""
+import argparse
 import logging
 
 import pytest
@@ -107,3 +108,16 @@ def test_a_bfloat16_choice_reaches_a_model_built_before_it(bf16_only_cpu):
     assert model.inference_dtype is None
     inference = build_inference_model(cfg, model)
     assert inference.network == "network" and model.inference_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("flag, opts", [
+    ("compiled-int8", ["TEST.BACKEND.NAME", "compiled", "TEST.BACKEND.INT8", True]),
+    ("onnxruntime-int8", ["TEST.BACKEND.NAME", "onnxruntime", "TEST.BACKEND.INT8", True]),
+    ("auto", ["TEST.BACKEND.NAME", "auto"]),
+])
+def test_the_backend_flag_sets_the_keys(flag, opts):
+    parser = argparse.ArgumentParser()
+    backends.add_backend_argument(parser)
+    assert backends.backend_opts(parser.parse_args(["--backend", flag])) == opts
+    cfg = small_cfg(*opts)  # the keys merge into a config and fit together
+    backends.check_backend_settings(cfg)
